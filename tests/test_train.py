@@ -1,0 +1,187 @@
+"""train.py through its real command line: each gapt_mode, exact resume, DDP on CPU, compile, and its errors."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, read_log, run_train
+from train import ConfigError, DataError, TokenWindows, load_config, read_shard, write_shard
+
+# phases switch within a few steps so that short runs cover both
+FAST_GAPT = ["--gapt_patience_memorize=2", "--gapt_patience_compress=2", "--gapt_tau=10.0"]
+
+
+@pytest.mark.parametrize("mode", ["off", "gapt", "always"])
+def test_smoke_each_mode(token_data, tmp_path, mode):
+    out = str(tmp_path / mode)
+    result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", f"--gapt_mode={mode}",
+                       "--max_iters=12", "--eval_interval=6", "--log_interval=2", *FAST_GAPT)
+    assert "iter 12: loss" in result.stdout and "eval iter 12" in result.stdout
+    records = read_log(out)
+    assert all("iter" in r and "phase" in r for r in records)
+    train = read_log(out, "train")
+    assert [r["iter"] for r in train] == [2, 4, 6, 8, 10, 12]
+    assert all(len(r["mbe_layers"]) == 3 and math.isfinite(r["mbe"]) for r in train)
+    evals = read_log(out, "eval")
+    assert [r["iter"] for r in evals] == [0, 6, 12] and all(len(r["val_mbe_layers"]) == 3 for r in evals)
+    phases = {r["phase"] for r in train}
+    if mode == "off":
+        assert phases == {1} and all(r["loss"] == r["ce"] for r in train)
+    elif mode == "always":
+        assert phases == {2} and all(r["loss"] > r["ce"] for r in train)
+    else:
+        assert phases == {1, 2} and train[-1]["gapt"]["switches"] >= 1
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["iter_num"] == 12 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert ckpt["gapt"]["phase"] in (1, 2)
+
+
+def test_loss_is_mean_over_micro_steps(token_data, tmp_path):
+    """The logged loss is the mean over all micro-steps of the log interval, not the last micro-batch's."""
+    out = str(tmp_path / "accum")
+    run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--gapt_mode=off", "--max_iters=2",
+              "--gradient_accumulation_steps=4", "--log_interval=1", "--learning_rate=0.0", "--min_lr=0.0",
+              "--eval_interval=100")
+    sys.path.insert(0, REPO)
+    from model import GPT, GPTConfig
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])  # lr 0: the weights never moved, so we can recompute every micro-batch
+    data = TokenWindows(token_data, "train", 16)
+    rng = torch.Generator().manual_seed(1337)
+    first_step = data.draw(16, rng)
+    with torch.no_grad():
+        losses = [model(*data.windows(first_step[i * 4:(i + 1) * 4]))[1].item() for i in range(4)]
+    assert read_log(out, "train")[0]["ce"] == pytest.approx(sum(losses) / 4, abs=1e-5)
+
+
+def test_exact_resume(token_data, tmp_path):
+    common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=gapt", *FAST_GAPT, "--log_interval=1",
+              "--eval_interval=4", "--lr_decay_iters=10", "--gradient_accumulation_steps=2", "--dropout=0.1"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train(*common, f"--out_dir={straight}", "--max_iters=10")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=5")
+    result = run_train(*common, f"--out_dir={resumed}", "--max_iters=10", "--init_from=resume")
+    assert "resumed from" in result.stdout
+    a = {r["iter"]: r for r in read_log(straight, "train")}
+    b = {r["iter"]: r for r in read_log(resumed, "train")}
+    for it in range(6, 11):
+        assert (a[it]["loss"], a[it]["phase"], a[it]["gapt"]) == (b[it]["loss"], b[it]["phase"], b[it]["gapt"])
+    assert {r["phase"] for r in a.values()} == {1, 2}
+    ca = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    cb = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
+    assert ca["gapt"] == cb["gapt"] and ca["iter_num"] == cb["iter_num"] == 10
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+
+
+def test_ddp_two_processes_match_one(token_data, tmp_path):
+    common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=gapt", *FAST_GAPT, "--log_interval=1",
+              "--eval_interval=100", "--max_iters=10", "--gradient_accumulation_steps=2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_train(*common, f"--out_dir={one}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_train(*common, f"--out_dir={two}", launcher=torchrun)
+    a, b = read_log(one, "train"), read_log(two, "train")
+    assert [r["phase"] for r in a] == [r["phase"] for r in b] and {r["phase"] for r in a} == {1, 2}
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-4)
+    assert read_log(one, "eval")[-1]["val_ce"] == pytest.approx(read_log(two, "eval")[-1]["val_ce"], abs=1e-4)
+
+
+def test_compile(token_data, tmp_path):
+    out = str(tmp_path / "compiled")
+    run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--compile=True", "--max_iters=3",
+              "--log_interval=1", "--eval_interval=3", "--gapt_mode=always", timeout=900)
+    assert len(read_log(out, "train")) == 3
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(token_data, tmp_path):
+    out = str(tmp_path / "blowup")
+    common = [*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--eval_interval=4", "--log_interval=1",
+              "--grad_clip=0.0", "--warmup_iters=0"]
+    run_train(*common, "--max_iters=4")
+    before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    result = run_train(*common, "--max_iters=12", "--init_from=resume", "--learning_rate=1e30", "--min_lr=1e30",
+                       check=False)
+    assert result.returncode == 1 and "non-finite loss at iter" in result.stderr, result.stderr
+    after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert after["iter_num"] == 4 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+# configuration and data errors ------------------------------------------------------------------------------
+
+def test_config_overrides_and_types(tmp_path):
+    c = load_config(["--learning_rate=1", "--device=cpu", "--compile=True", "--mbe_layers=[0, 2]"])
+    assert c.learning_rate == 1.0 and isinstance(c.learning_rate, float)
+    assert c.device == "cpu" and c.compile is True and c.mbe_layers == [0, 2]
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("import math\nmax_iters = 7\n_private = 3\nbatch_size = 2 ** 3\n")
+    c = load_config([str(cfg), "--max_iters=9"])
+    assert (c.max_iters, c.batch_size) == (9, 8)
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(["--max_iters=1.5"])
+    with pytest.raises(ConfigError, match="expected bool"):
+        load_config(["--compile=1"])
+    with pytest.raises(ConfigError, match="gapt_mode"):
+        load_config(["--gapt_mode=sometimes"])
+    with pytest.raises(ConfigError, match="not divisible by mbe_patch_size"):
+        load_config(["--block_size=30", "--mbe_patch_size=8"])
+
+
+def test_mistyped_key_in_file_and_command_line(tmp_path):
+    cfg = tmp_path / "typo.py"
+    cfg.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'"):
+        load_config([str(cfg)])
+    result = run_train("--max_itres=10", check=False)
+    assert result.returncode == 1 and "unknown config key 'max_itres'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_directory(tmp_path):
+    result = run_train(*TINY, f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'o'}", check=False)
+    assert result.returncode == 1 and "does not exist" in result.stderr and "prepare_mult.py" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_shard_header(tmp_path, token_data):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_shard(str(bad / "train_000000.bin"), list(range(100)))
+    write_shard(str(bad / "val_000000.bin"), list(range(100)))
+    raw = bytearray((bad / "train_000000.bin").read_bytes())
+    raw[0:4] = (123).to_bytes(4, "little")
+    (bad / "train_000000.bin").write_bytes(bytes(raw))
+    result = run_train(*TINY, f"--data_dir={bad}", "--vocab_size=128", f"--out_dir={tmp_path / 'o'}", check=False)
+    assert result.returncode == 1 and "is not a token shard" in result.stderr and "Traceback" not in result.stderr
+    truncated = tmp_path / "short.bin"
+    write_shard(str(truncated), list(range(100)))
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_shard(str(truncated))
+
+
+def test_shard_round_trip_and_uint16_check(tmp_path):
+    path = str(tmp_path / "s.bin")
+    write_shard(path, [0, 1, 65535, 7])
+    assert read_shard(path).tolist() == [0, 1, 65535, 7]
+    assert os.path.getsize(path) == 256 * 4 + 4 * 2
+    with pytest.raises(ValueError, match="fit uint16"):
+        write_shard(path, [70000])
+
+
+def test_batches_do_not_depend_on_world_size(token_data):
+    """One global batch per step from one generator: the slices of 2 ranks are the rows of 1 rank."""
+    data = TokenWindows(token_data, "train", 16)
+    positions = data.draw(8, torch.Generator().manual_seed(3))
+    x_all, _ = data.windows(positions)
+    halves = [data.windows(positions[r * 4:(r + 1) * 4])[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves), x_all)
+    x, y = data.windows(positions[:2])
+    assert torch.equal(x[:, 1:], y[:, :-1])

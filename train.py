@@ -1,0 +1,652 @@
+"""
+Train a GPT-2 with or without GAPT (Gated Phase Transition, arXiv 2505.08727), on one process or under torchrun.
+
+    python train.py                                   # the built-in default: GAPT on the multiplication task
+    python train.py config/mult_baseline.py --max_iters=500 --device=cpu
+    torchrun --standalone --nproc_per_node=8 train.py config/fineweb_gapt.py
+
+Arguments are config files (plain Python assignments, applied in order) and --key=value overrides. An unknown key or
+a value of the wrong type is an error. The layout follows nanoGPT: defaults, config, the GAPT state machine, data,
+checkpoints, then main(): DDP/device setup, data, model init/resume, optimizer, compile, DDP wrap, eval/lr helpers,
+and the training loop.
+"""
+
+import ast
+import glob
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# Defaults: GAPT on the multiplication task (python prepare_mult.py first), small enough for a laptop CPU.
+DEFAULTS = dict(
+    # I/O
+    out_dir="out-mult-gapt",
+    eval_interval=250,  # evaluate (and checkpoint) every this many optimizer steps, and at the end
+    log_interval=50,  # one stdout line and one log.jsonl record every this many steps
+    eval_iters=20,  # validation batches (of batch_size sequences) per evaluation
+    eval_only=False,  # evaluate once and exit
+    always_save_checkpoint=True,  # False: write ckpt.pt only when the validation CE improved
+    init_from="scratch",  # "scratch" or "resume" (from out_dir/ckpt.pt)
+    seed=1337,
+    wandb_log=False,
+    wandb_project="gapt",
+    wandb_run_name="run",
+    # data
+    data_dir="data/mult",  # train_*.bin / val_*.bin token shards and meta.json
+    vocab_size=0,  # 0: read it from data_dir/meta.json
+    batch_size=64,  # sequences per micro-batch, per process
+    block_size=32,
+    gradient_accumulation_steps=1,  # micro-batches per optimizer step over all processes (divided by the world size)
+    # model
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    dropout=0.0,
+    bias=True,
+    # optimizer
+    optimizer="adamw",  # "adamw", or "muon" (Muon on the blocks' 2-D weights, AdamW on the rest)
+    learning_rate=1e-3,
+    max_iters=3000,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,  # 0 disables clipping
+    decay_lr=True,
+    warmup_iters=100,
+    lr_decay_iters=3000,
+    min_lr=1e-4,
+    # GAPT
+    gapt_mode="gapt",  # "off" (CE only), "gapt" (the state machine), "always" (CE + mbe_weight * MBE every step)
+    mbe_weight=0.1,  # λ in loss = CE + λ · mean MBE over mbe_layers (compression phase)
+    mbe_alpha=2.0,  # Rényi order α of the matrix-based entropy
+    mbe_patch_size=8,  # tokens per MBE matrix (0: the whole sequence)
+    mbe_layers="auto",  # "auto" (every block but the first and last), "rotate" (one of those per step), or a list
+    mbe_center=False,  # subtract each patch's mean token before the MBE
+    mbe_floor=0.0,  # the compression loss stops rewarding MBE below this value: λ · relu(MBE − floor)
+    gapt_delta=0.01,  # relative improvement that counts as progress
+    gapt_delta_mbe_abs=0.0,  # > 0: MBE progress is an absolute drop of more than this instead
+    gapt_tau=0.1,  # a CE above ce_min · (1 + tau) during compression ends it
+    gapt_patience_memorize=125,
+    gapt_patience_compress=75,
+    # system
+    device="auto",  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", "mps"
+    dtype="auto",  # "auto" (bfloat16 on CUDA where supported, else float16 on CUDA, float32 on CPU), or explicit
+    compile=False,  # torch.compile the model
+    num_threads=0,  # torch CPU threads per process; 0 keeps torch's default
+    peak_flops=0.0,  # the hardware's peak FLOP/s for the MFU column; 0 leaves MFU out (bench.py measures one)
+)
+
+# keys whose value may have another type than their default's
+_KEY_TYPES = {"mbe_layers": (str, list, tuple)}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(key, value):
+    default = DEFAULTS[key]
+    allowed = _KEY_TYPES.get(key, (type(default),))
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # --learning_rate=1 means 1.0
+    if isinstance(value, bool) != isinstance(default, bool) and key not in _KEY_TYPES:
+        raise ConfigError(f"config key {key!r}: expected {type(default).__name__}, got {value!r}")
+    if not isinstance(value, allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"config key {key!r}: expected {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(config, key, value, source):
+    if key not in DEFAULTS:
+        close = [k for k in DEFAULTS if k.split("_")[0] == key.split("_")[0]] or sorted(DEFAULTS)
+        raise ConfigError(f"unknown config key {key!r} in {source}; known keys like it: {', '.join(close)}")
+    config[key] = _check_type(key, value)
+
+
+def load_config(args):
+    """Defaults, then each config file and --key=value override in the order given. Returns a SimpleNamespace."""
+    config = dict(DEFAULTS)
+    for arg in args:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"override {arg!r} must look like --key=value")
+            if isinstance(DEFAULTS.get(key), str) and key not in _KEY_TYPES:
+                value = text  # strings need no quotes: --device=cpu
+            else:
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    value = text
+            _set(config, key, value, arg)
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg!r} not found (arguments are config files or --key=value)")
+            names = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), {}, names)
+            for key, value in names.items():
+                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
+                    _set(config, key, value, arg)
+    validate_config(config)
+    return SimpleNamespace(**config)
+
+
+def validate_config(c):
+    choices = {"init_from": ("scratch", "resume"), "gapt_mode": ("off", "gapt", "always"),
+               "optimizer": ("adamw", "muon"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+    for key, allowed in choices.items():
+        if c[key] not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {allowed}, got {c[key]!r}")
+    if c["mbe_patch_size"] < 0 or (c["mbe_patch_size"] and c["block_size"] % c["mbe_patch_size"]):
+        raise ConfigError(f"block_size {c['block_size']} is not divisible by mbe_patch_size {c['mbe_patch_size']}; "
+                          f"pick a patch size that divides it (or 0 for the whole sequence)")
+    if isinstance(c["mbe_layers"], str) and c["mbe_layers"] not in ("auto", "rotate"):
+        raise ConfigError(f"mbe_layers must be 'auto', 'rotate' or a list of layer indices, got {c['mbe_layers']!r}")
+    if not isinstance(c["mbe_layers"], str) and not all(0 <= i < c["n_layer"] for i in c["mbe_layers"]):
+        raise ConfigError(f"mbe_layers {c['mbe_layers']} must be indices in [0, n_layer={c['n_layer']})")
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+                "eval_interval", "log_interval", "eval_iters"):
+        if c[key] <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {c[key]}")
+
+
+def resolve_mbe_layers(mbe_layers, n_layer):
+    """The regularised layers: every block but the first and the last, all of them when there are fewer than 3."""
+    if isinstance(mbe_layers, str):  # "auto" or "rotate"
+        return list(range(1, n_layer - 1)) if n_layer >= 3 else list(range(n_layer))
+    return sorted(set(mbe_layers))
+
+
+# -----------------------------------------------------------------------------
+# GAPT: the paper's Algorithm 1, with scale-free (relative) thresholds.
+
+class GAPT:
+    """Gated phase transition between memorization (phase 1, loss = CE) and compression (phase 2, loss = CE + λ·MBE).
+
+    Call step(ce, mbe) once per optimizer step with that step's CE and per-layer MBE (ignored in phase 1); it returns
+    the phase for the next step. "x improved on best" means best is +inf or x < best·(1 − delta); with delta_mbe_abs
+    > 0, an MBE improves only if it drops by more than that absolute amount.
+    """
+
+    def __init__(self, delta=0.01, tau=0.1, patience_memorize=125, patience_compress=75, delta_mbe_abs=0.0):
+        self.delta, self.tau, self.delta_mbe_abs = delta, tau, delta_mbe_abs
+        self.patience_memorize, self.patience_compress = patience_memorize, patience_compress
+        self.phase = 1
+        self.ce_min = math.inf
+        self.mbe_min = None  # per-layer minima, set to +inf at the start of each compression phase
+        self.s_m = 0  # steps without CE progress (memorization)
+        self.s_c = 0  # steps without MBE progress (compression)
+        self.switches = 0  # phase changes so far
+
+    def _improved(self, x, best, absolute=0.0):
+        if math.isinf(best):
+            return True
+        return x < best - absolute if absolute > 0 else x < best * (1 - self.delta)
+
+    def _enter(self, phase):
+        self.phase = phase
+        self.switches += 1
+        if phase == 1:
+            self.s_m = 0
+        else:
+            self.s_c = 0
+            self.mbe_min = None
+
+    def step(self, ce, mbe=None):
+        ce = float(ce)
+        if self.phase == 1:
+            self.s_m = 0 if self._improved(ce, self.ce_min) else self.s_m + 1
+            self.ce_min = min(self.ce_min, ce)
+            if self.s_m >= self.patience_memorize:
+                self._enter(2)
+        else:
+            if ce > self.ce_min * (1 + self.tau):  # a CE spike against the best so far: back to memorizing
+                self._enter(1)
+                return self.phase
+            if mbe is None:
+                raise ValueError("GAPT.step: the compression phase needs this step's per-layer MBE")
+            mbe = [float(m) for m in (mbe if isinstance(mbe, (list, tuple)) else [mbe])]
+            if self.mbe_min is None:
+                self.mbe_min = [math.inf] * len(mbe)
+            progress = any(self._improved(m, best, self.delta_mbe_abs) for m, best in zip(mbe, self.mbe_min))
+            self.s_c = 0 if progress else self.s_c + 1
+            self.mbe_min = [min(m, best) for m, best in zip(mbe, self.mbe_min)]
+            self.ce_min = min(self.ce_min, ce)
+            if self.s_c >= self.patience_compress:
+                self._enter(1)
+        return self.phase
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("phase", "ce_min", "mbe_min", "s_m", "s_c", "switches")}
+
+    def load_state_dict(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+# -----------------------------------------------------------------------------
+# Token shards: a 256 x int32 header (magic, version, token count, zeros) then the tokens as uint16.
+# The llm.c / modded-nanogpt format, so their FineWeb shards load unchanged.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def write_shard(path, tokens):
+    """Write tokens (ids < 65536) as a shard, atomically: a temporary file renamed into place."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise ValueError(f"{path}: token ids must fit uint16 (0..65535), got {tokens.min()}..{tokens.max()}")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path, hint="run the prepare script for this data again (prepare_mult.py or prepare_fineweb.py)"):
+    """Memory-map a shard's tokens after checking its header; a clear DataError says what is wrong."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise DataError(f"{path} is not a token shard (bad header magic {header[0] if len(header) else None}, "
+                        f"expected {SHARD_MAGIC}); {hint}")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION}); {hint}")
+    n_tokens = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * n_tokens
+    if n_tokens < 0 or size != expected:
+        raise DataError(f"{path} is truncated or corrupt: its header says {n_tokens} tokens ({expected} bytes) "
+                        f"but the file has {size} bytes; {hint}")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
+
+
+class TokenWindows:
+    """Random windows of block_size + 1 tokens from every shard of one split (train_*.bin or val_*.bin)."""
+
+    def __init__(self, data_dir, split, block_size):
+        paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+        if not os.path.isdir(data_dir):
+            raise DataError(f"data directory {data_dir!r} does not exist; create it with `python prepare_mult.py` "
+                            f"or `python prepare_fineweb.py`, or set --data_dir")
+        if not paths:
+            raise DataError(f"no {split}_*.bin shards in {data_dir!r}; run `python prepare_mult.py` or "
+                            f"`python prepare_fineweb.py` for it, or point --data_dir at a prepared directory")
+        self.block_size = block_size
+        self.shards = [read_shard(p) for p in paths]
+        self.starts = np.array([max(len(s) - block_size, 0) for s in self.shards])  # valid window starts per shard
+        self.cum_starts = np.cumsum(self.starts)
+        if self.cum_starts[-1] == 0:
+            raise DataError(f"the {split} shards in {data_dir!r} hold fewer than block_size + 1 = {block_size + 1} "
+                            f"tokens; prepare more data or lower block_size")
+
+    def draw(self, n, generator):
+        """n random window positions (global indices into all shards' window starts)."""
+        return torch.randint(int(self.cum_starts[-1]), (n,), generator=generator)
+
+    def windows(self, positions):
+        """(x, y) int64 tensors of shape (len(positions), block_size): inputs and next-token targets."""
+        positions = positions.numpy()
+        shard = np.searchsorted(self.cum_starts, positions, side="right")
+        offset = positions - (self.cum_starts[shard] - self.starts[shard])
+        rows = np.stack([self.shards[s][o:o + self.block_size + 1] for s, o in zip(shard, offset)]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(path, checkpoint):
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written ckpt.pt."""
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def get_lr(it, c):
+    """Linear warm-up for warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not c.decay_lr:
+        return c.learning_rate
+    if it < c.warmup_iters:
+        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
+    if it > c.lr_decay_iters:
+        return c.min_lr
+    ratio = (it - c.warmup_iters) / max(1, c.lr_decay_iters - c.warmup_iters)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+
+
+def build_optimizers(model, c, device_type):
+    """AdamW on everything, or Muon on the blocks' 2-D weights plus AdamW on embeddings, head, norms and biases."""
+    if c.optimizer == "adamw":
+        return [model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)]
+    muon_params = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+    muon_ids = {id(p) for p in muon_params}
+    rest = [p for p in model.parameters() if id(p) not in muon_ids]
+    muon = torch.optim.Muon(muon_params, lr=c.learning_rate, weight_decay=c.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")  # lets Muon share AdamW's learning rate
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": c.weight_decay},
+                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=c.learning_rate, betas=(c.beta1, c.beta2))
+    return [muon, adamw]
+
+
+# -----------------------------------------------------------------------------
+
+def main(c):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mbe import patched_mbe
+    from model import GPT, GPTConfig
+
+    # DDP / device setup --------------------------------------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if c.device == "auto":
+        c.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if c.device.startswith("cuda"):
+            c.device = f"cuda:{local_rank}"
+            torch.cuda.set_device(c.device)
+        dist.init_process_group(backend="nccl" if c.device.startswith("cuda") else "gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+    master = rank == 0
+    device_type = "cuda" if c.device.startswith("cuda") else c.device.split(":")[0]
+    if c.gradient_accumulation_steps % world:
+        raise ConfigError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} (the global count) must be "
+                          f"divisible by the number of processes ({world})")
+    micro_steps = c.gradient_accumulation_steps // world
+    tokens_per_step = c.gradient_accumulation_steps * c.batch_size * c.block_size
+    if c.num_threads:
+        torch.set_num_threads(c.num_threads)
+    if c.dtype == "auto":
+        c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(c.seed + rank)  # dropout differs per rank; the data order does not (data_rng below)
+    if master:
+        os.makedirs(c.out_dir, exist_ok=True)
+        print(f"tokens per optimizer step: {tokens_per_step:,} ({world} process(es) x {micro_steps} micro-steps x "
+              f"{c.batch_size} x {c.block_size}), device {c.device}, dtype {c.dtype}")
+
+    # data ----------------------------------------------------------------------
+    train_data = TokenWindows(c.data_dir, "train", c.block_size)
+    val_data = TokenWindows(c.data_dir, "val", c.block_size)
+    meta = read_meta(c.data_dir)
+    if c.vocab_size == 0:
+        if "vocab_size" not in meta:
+            raise ConfigError(f"vocab_size=0 means 'read it from {c.data_dir}/meta.json', which has none; "
+                              f"set --vocab_size")
+        c.vocab_size = int(meta["vocab_size"])
+    data_rng = torch.Generator().manual_seed(c.seed)  # the same on every rank: each takes its slice of the batch
+
+    def fetch(x, y):
+        if device_type == "cuda":
+            return x.pin_memory().to(c.device, non_blocking=True), y.pin_memory().to(c.device, non_blocking=True)
+        return x.to(c.device), y.to(c.device)
+
+    # model init / resume ---------------------------------------------------------
+    model_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+    checkpoint = None
+    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
+    if c.init_from == "resume":
+        if not os.path.exists(ckpt_path):
+            raise ConfigError(f"init_from='resume' but {ckpt_path} does not exist; train from scratch first")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for k in model_keys:  # the architecture comes from the checkpoint
+            setattr(c, k, checkpoint["model_args"][k])
+    gptconf = GPTConfig(**{k: getattr(c, k) for k in model_keys})
+    model = GPT(gptconf)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    model.to(c.device)
+    mbe_layers = resolve_mbe_layers(c.mbe_layers, c.n_layer)
+    # a slice is a view of the stacked hidden states; an index list would copy them
+    contiguous = mbe_layers == list(range(mbe_layers[0], mbe_layers[-1] + 1))
+    layer_select = slice(mbe_layers[0], mbe_layers[-1] + 1) if contiguous else torch.tensor(mbe_layers)
+    layer_index = torch.tensor(mbe_layers, device=c.device)
+
+    gapt = GAPT(c.gapt_delta, c.gapt_tau, c.gapt_patience_memorize, c.gapt_patience_compress, c.gapt_delta_mbe_abs)
+    iter_num, best_val_loss = 0, math.inf
+
+    # optimizer -------------------------------------------------------------------
+    optimizers = build_optimizers(model, c, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
+    if checkpoint is not None:
+        for opt, state in zip(optimizers, checkpoint["optimizers"]):
+            opt.load_state_dict(state)
+        scaler.load_state_dict(checkpoint["scaler"])
+        gapt.load_state_dict(checkpoint["gapt"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        data_rng.set_state(checkpoint["data_rng"])
+        if len(checkpoint["rng"]) == world:
+            torch.set_rng_state(checkpoint["rng"][rank]["cpu"])
+            if device_type == "cuda" and checkpoint["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(checkpoint["rng"][rank]["cuda"])
+        if master:
+            print(f"resumed from {ckpt_path} at iter {iter_num} (phase {gapt.phase})")
+    checkpoint = None  # free it
+
+    # compile, DDP wrap -----------------------------------------------------------
+    raw_model = model
+    if c.compile:
+        if master:
+            print("compiling the model...")
+        model = torch.compile(model)
+    eval_model = model  # never the DDP wrapper: rank 0 alone may run task evaluations with it
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    def all_reduce_mean(t):
+        if ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= world
+        return t
+
+    # eval / lr helpers -----------------------------------------------------------
+    task_eval = None
+    if meta.get("task") == "multiplication":
+        import prepare_mult
+        task_eval = prepare_mult.make_evaluator(c.data_dir, meta, c.device)
+        if c.block_size < meta["eval_block_size"]:
+            raise ConfigError(f"block_size {c.block_size} is shorter than the longest evaluation problem of "
+                              f"{c.data_dir} ({meta['eval_block_size']} tokens); raise block_size")
+
+    @torch.no_grad()
+    def evaluate():
+        """Validation CE and per-layer MBE on fixed windows (the same every eval, split over ranks)."""
+        raw_model.eval()
+        rng = torch.Generator().manual_seed(c.seed + 1)
+        positions = val_data.draw(c.eval_iters * c.batch_size, rng)[rank::world]
+        sums = torch.zeros(2 + c.n_layer, device=c.device)  # rows, CE·rows, MBE·rows per layer
+        for start in range(0, len(positions), c.batch_size):
+            x, y = fetch(*val_data.windows(positions[start:start + c.batch_size]))
+            with autocast:
+                _, ce, hidden = eval_model(x, y)
+            layer_mbe = patched_mbe(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+            sums += torch.cat([torch.tensor([1.0, ce.item()], device=c.device), layer_mbe.float()]) * len(x)
+        if ddp:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        raw_model.train()
+        mbe_all = (sums[2:] / sums[0]).tolist()
+        out = {"val_ce": (sums[1] / sums[0]).item(), "val_mbe_layers": mbe_all,
+               "val_mbe": sum(mbe_all[i] for i in mbe_layers) / len(mbe_layers)}
+        if task_eval is not None and master:
+            raw_model.eval()
+            with autocast:
+                out.update(task_eval(eval_model))
+            raw_model.train()
+        return out
+
+    def gather_rng_states():
+        state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+        if not ddp:
+            return [state]
+        states = [None] * world
+        dist.all_gather_object(states, state)
+        return states
+
+    log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
+
+    def log(record):
+        record = {"iter": iter_num, "phase": gapt.phase, **record}
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if wandb_run is not None:
+            wandb_run.log(record, step=iter_num)
+
+    wandb_run = None
+    if c.wandb_log and master:
+        import wandb
+        wandb_run = wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=vars(c))
+
+    # the loop --------------------------------------------------------------------
+    if master:
+        print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, gapt_mode={c.gapt_mode}, "
+              f"MBE on layers {mbe_layers} (patch {c.mbe_patch_size}, alpha {c.mbe_alpha})")
+    first_bad_iter = torch.full((), -1, dtype=torch.long, device=c.device)  # first step with a non-finite loss
+    log_sums = torch.zeros(3, device=c.device)  # steps, loss and CE summed over the log interval
+    t_last, timed_steps = time.perf_counter(), 0
+    while True:
+        if iter_num % c.eval_interval == 0 or iter_num >= c.max_iters or c.eval_only:
+            metrics = evaluate()
+            bad = int(first_bad_iter.item())
+            if bad >= 0 or not math.isfinite(metrics["val_ce"]):
+                raise FloatingPointError(f"non-finite loss at iter {bad if bad >= 0 else iter_num}; the last good "
+                                         f"checkpoint in {c.out_dir} is left as it was")
+            if master:
+                extra = "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k not in
+                                ("val_ce", "val_mbe"))
+                print(f"eval iter {iter_num}: val CE {metrics['val_ce']:.4f} | val MBE {metrics['val_mbe']:.4f}{extra}")
+                log({"kind": "eval", **metrics})
+            improved = metrics["val_ce"] < best_val_loss
+            best_val_loss = min(best_val_loss, metrics["val_ce"])
+            rng_states = gather_rng_states()
+            if master and iter_num > 0 and not c.eval_only and (improved or c.always_save_checkpoint):
+                save_checkpoint(ckpt_path, {
+                    "model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                    "scaler": scaler.state_dict(), "model_args": asdict(gptconf), "config": vars(c),
+                    "iter_num": iter_num, "best_val_loss": best_val_loss, "gapt": gapt.state_dict(),
+                    "data_rng": data_rng.get_state(), "rng": rng_states})
+            t_last, timed_steps = time.perf_counter(), 0  # timing leaves evaluation out
+        if iter_num >= c.max_iters or c.eval_only:
+            break
+
+        lr = get_lr(iter_num, c)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        phase = gapt.phase if c.gapt_mode == "gapt" else (2 if c.gapt_mode == "always" else 1)
+        regularise = phase == 2
+        log_step = (iter_num + 1) % c.log_interval == 0 or iter_num + 1 == c.max_iters
+        rotate_index = iter_num % len(mbe_layers)
+
+        # one optimizer step: the whole global batch's windows come from data_rng; this rank takes its slices
+        positions = train_data.draw(c.gradient_accumulation_steps * c.batch_size, data_rng)
+        step_sums = torch.zeros(2 + c.n_layer, device=c.device)  # loss, CE, per-layer MBE summed over micro-steps
+        x, y = fetch(*train_data.windows(positions[rank * micro_steps * c.batch_size:][:c.batch_size]))
+        for micro in range(micro_steps):
+            if ddp:
+                model.require_backward_grad_sync = micro == micro_steps - 1  # what no_sync() does
+            with autocast:
+                _, ce, hidden = model(x, y)
+            loss = ce
+            if regularise:  # compression: CE + λ · mean over the regularised layers of relu(MBE − floor)
+                layer_mbe = patched_mbe(hidden[layer_select], c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+                penalty = (layer_mbe - c.mbe_floor).clamp_min(0)  # floor 0 changes nothing: MBE >= 0
+                loss = ce + c.mbe_weight * (penalty[rotate_index] if c.mbe_layers == "rotate" else penalty.mean())
+                step_sums[2:].index_add_(0, layer_index, layer_mbe.detach().float())
+            elif log_step:  # memorization or baseline: MBE is only measured, on log steps, without gradients
+                with torch.no_grad():
+                    step_sums[2:] += patched_mbe(hidden.detach(), c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+            step_sums[:2] += torch.stack([loss.detach(), ce.detach()]).float()
+            if micro + 1 < micro_steps:  # prefetch the next micro-batch while this one computes
+                start = (rank * micro_steps + micro + 1) * c.batch_size
+                x, y = fetch(*train_data.windows(positions[start:start + c.batch_size]))
+            scaler.scale(loss / micro_steps).backward()
+        if c.grad_clip > 0:
+            for opt in optimizers:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        step_sums /= micro_steps
+        first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(step_sums[0]),
+                                     torch.full_like(first_bad_iter, iter_num), first_bad_iter)
+        if c.gapt_mode == "gapt":  # the state machine sees the step's mean over micro-steps and ranks
+            stats = all_reduce_mean(step_sums.clone() if regularise else step_sums[:2].clone()).tolist()
+            if not math.isfinite(stats[0]):
+                raise FloatingPointError(f"non-finite loss at iter {iter_num}; the last good checkpoint in "
+                                         f"{c.out_dir} is left as it was")
+            gapt.step(stats[1], [stats[2 + i] for i in mbe_layers] if regularise else None)
+        log_sums += torch.cat([torch.ones(1, device=c.device), step_sums[:2]])
+        iter_num += 1
+        timed_steps += 1
+
+        if log_step:
+            totals = all_reduce_mean(torch.cat([log_sums, step_sums[2:]])).tolist()
+            dt = (time.perf_counter() - t_last) / timed_steps
+            loss_mean, ce_mean = totals[1] / totals[0], totals[2] / totals[0]  # means over the log interval
+            mbe_all = totals[3:]  # measured on this step; in phase 1, for every layer; in phase 2, mbe_layers only
+            mbe_mean = sum(mbe_all[i] for i in mbe_layers) / len(mbe_layers)
+            tok_s = tokens_per_step / dt
+            mfu = raw_model.estimate_mfu(tok_s, c.peak_flops)
+            if not math.isfinite(loss_mean):
+                raise FloatingPointError(f"non-finite loss at iter {int(first_bad_iter.item())}; the last good "
+                                         f"checkpoint in {c.out_dir} is left as it was")
+            if master:
+                print(f"iter {iter_num}: loss {loss_mean:.4f} | CE {ce_mean:.4f} | MBE {mbe_mean:.4f} | phase "
+                      f"{gapt.phase} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | {tok_s:,.0f} tok/s"
+                      + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+                log({"kind": "train", "loss": loss_mean, "ce": ce_mean, "mbe": mbe_mean, "mbe_layers": mbe_all,
+                     "lr": lr, "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu,
+                     "phase": phase, "next_phase": gapt.phase,  # the phase this step trained in, and the next's
+                     "gapt": gapt.state_dict() if c.gapt_mode == "gapt" else None})
+            log_sums.zero_()
+            t_last, timed_steps = time.perf_counter(), 0
+
+    if log_file:
+        log_file.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(load_config(sys.argv[1:]))
+    except (ConfigError, DataError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
