@@ -85,20 +85,45 @@ def _pair_keys(a, b):
     return np.minimum(a, b) * 10 ** MAX_DIGITS + np.maximum(a, b)
 
 
+def _within_holdout_quota(a, b, max_fraction):
+    """Mask of the problems that may be held out: per operand-length stratum, the first distinct problems up to
+    max_fraction of the stratum. Without a cap, a validation sample would hold out every 1x1-digit problem (there are
+    only 45) and the model would never see one in training."""
+    keys = _pair_keys(a, b)
+    short, long_ = num_digits(np.minimum(a, b)), num_digits(np.maximum(a, b))
+    keep = np.zeros(len(a), dtype=bool)
+    for la, lb in set(zip(short.tolist(), long_.tolist())):
+        in_stratum = (short == la) & (long_ == lb)
+        size = 81 * 10 ** (la + lb - 2) // (2 if la == lb else 1)  # distinct unordered problems in the stratum
+        uniq, first = np.unique(keys[in_stratum], return_index=True)
+        allowed = uniq[np.argsort(first)][:max(1, int(max_fraction * size))]
+        keep |= in_stratum & np.isin(keys, allowed)
+    return keep
+
+
 def make_dataset(train_examples=1_000_000, val_examples=10_000, eval_examples=1000, train_digits=(1, 3),
-                 ood_digits=(4, 6), seed=0, reverse_answer=False):
-    """Returns (train_tokens, val_tokens, meta). No validation problem (in either order) is in the training set."""
+                 ood_digits=(4, 6), seed=0, reverse_answer=False, holdout_fraction=0.1):
+    """Returns (train_tokens, val_tokens, meta). No validation problem (in either order) is in the training set,
+    and at most holdout_fraction of each operand-length stratum is held out."""
     rng = np.random.default_rng(seed)
-    val_a, val_b = sample_problems(val_examples + eval_examples, train_digits, rng)
-    held_out = _pair_keys(val_a, val_b)
+    need = eval_examples + val_examples
+    pool_a, pool_b = sample_problems(4 * need, train_digits, rng)
+    keep = _within_holdout_quota(pool_a, pool_b, holdout_fraction)
+    pool_a, pool_b = pool_a[keep], pool_b[keep]
+    _, first = np.unique(_pair_keys(pool_a, pool_b), return_index=True)
+    eval_index = np.sort(first)[:eval_examples]  # the fixed ID eval set: distinct problems
+    stream_index = np.setdiff1d(np.arange(len(pool_a)), eval_index)[:val_examples]  # the val_*.bin stream
+    if len(eval_index) < eval_examples or len(stream_index) < val_examples:
+        raise ValueError(f"cannot hold out {need} validation problems of {train_digits[0]}-{train_digits[1]} digits "
+                         f"within --holdout_fraction {holdout_fraction}; lower --val_examples/--eval_examples")
+    val_a, val_b = pool_a[stream_index], pool_b[stream_index]
+    id_a, id_b = pool_a[eval_index], pool_b[eval_index]
+    held_out = _pair_keys(pool_a, pool_b)
     train_a, train_b = [], []
     need = train_examples
     while need > 0:
         a, b = sample_problems(int(need * 1.2) + 100, train_digits, rng)
         keep = ~np.isin(_pair_keys(a, b), held_out)
-        if not keep.any() and len(a) > 1000:
-            raise ValueError(f"every {train_digits[0]}-{train_digits[1]}-digit problem is held out for validation; "
-                             f"lower --val_examples/--eval_examples or widen --train_digits")
         train_a.append(a[keep][:need])
         train_b.append(b[keep][:need])
         need -= len(train_a[-1])
@@ -109,13 +134,14 @@ def make_dataset(train_examples=1_000_000, val_examples=10_000, eval_examples=10
         "reverse_answer": reverse_answer, "seed": seed, "train_digits": list(train_digits),
         "ood_digits": list(ood_digits), "train_examples": train_examples, "val_examples": val_examples,
         # the fixed problems that the task evaluation scores (ID ones are held out of the training set too)
-        "eval_id": np.stack([val_a[val_examples:], val_b[val_examples:]], 1).tolist(),
+        "holdout_fraction": holdout_fraction,
+        "eval_id": np.stack([id_a, id_b], 1).tolist(),
         "eval_ood": np.stack([ood_a, ood_b], 1).tolist(),
     }
     # the longest evaluation input ("<end>a*b=" + answer): train.py checks that block_size covers it
     ea, eb = np.array(meta["eval_id"] + meta["eval_ood"]).T
     meta["eval_block_size"] = int((3 + num_digits(ea) + num_digits(eb) + num_digits(ea * eb)).max())
-    val_tokens = problems_to_tokens(val_a[:val_examples], val_b[:val_examples], reverse_answer)
+    val_tokens = problems_to_tokens(val_a, val_b, reverse_answer)
     return problems_to_tokens(train_a, train_b, reverse_answer), val_tokens, meta
 
 
@@ -192,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--eval_examples", type=int, default=1000, help="fixed problems per split for the task eval")
     parser.add_argument("--train_digits", default="1-3", help="operand digit range for train and ID validation")
     parser.add_argument("--ood_digits", default="4-6", help="operand digit range for OOD evaluation")
+    parser.add_argument("--holdout_fraction", type=float, default=0.1,
+                        help="at most this fraction of each operand-length stratum is held out for validation")
     parser.add_argument("--reverse_answer", action="store_true", help="write answers least-significant digit first")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -208,8 +236,13 @@ def main(argv=None):
     train_digits, ood_digits = digit_range(args.train_digits, "train_digits"), digit_range(args.ood_digits, "ood_digits")
     if min(args.train_examples, args.val_examples, args.eval_examples) <= 0:
         parser.error("--train_examples, --val_examples and --eval_examples must be positive")
-    train, val, meta = make_dataset(args.train_examples, args.val_examples, args.eval_examples, train_digits,
-                                    ood_digits, args.seed, args.reverse_answer)
+    if not 0 < args.holdout_fraction < 1:
+        parser.error("--holdout_fraction must be between 0 and 1")
+    try:
+        train, val, meta = make_dataset(args.train_examples, args.val_examples, args.eval_examples, train_digits,
+                                        ood_digits, args.seed, args.reverse_answer, args.holdout_fraction)
+    except ValueError as e:
+        parser.error(str(e))
     from train import write_shard  # the shard format lives in train.py
     os.makedirs(args.out_dir, exist_ok=True)
     write_shard(os.path.join(args.out_dir, "train_000000.bin"), train)

@@ -25,6 +25,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from mbe import patched_mbe
+from model import GPT, GPTConfig
+
 # -----------------------------------------------------------------------------
 # Defaults: GAPT on the multiplication task (python prepare_mult.py first), small enough for a laptop CPU.
 DEFAULTS = dict(
@@ -54,16 +57,16 @@ DEFAULTS = dict(
     bias=True,
     # optimizer
     optimizer="adamw",  # "adamw", or "muon" (Muon on the blocks' 2-D weights, AdamW on the rest)
-    learning_rate=1e-3,
-    max_iters=3000,
+    learning_rate=3e-3,
+    max_iters=4000,
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.99,
     grad_clip=1.0,  # 0 disables clipping
     decay_lr=True,
     warmup_iters=100,
-    lr_decay_iters=3000,
-    min_lr=1e-4,
+    lr_decay_iters=4000,
+    min_lr=3e-4,
     # GAPT
     gapt_mode="gapt",  # "off" (CE only), "gapt" (the state machine), "always" (CE + mbe_weight * MBE every step)
     mbe_weight=0.1,  # λ in loss = CE + λ · mean MBE over mbe_layers (compression phase)
@@ -188,6 +191,7 @@ class GAPT:
         self.s_m = 0  # steps without CE progress (memorization)
         self.s_c = 0  # steps without MBE progress (compression)
         self.switches = 0  # phase changes so far
+        self.compress_steps = 0  # steps trained in the compression phase so far
 
     def _improved(self, x, best, absolute=0.0):
         if math.isinf(best):
@@ -205,6 +209,7 @@ class GAPT:
 
     def step(self, ce, mbe=None):
         ce = float(ce)
+        self.compress_steps += self.phase == 2
         if self.phase == 1:
             self.s_m = 0 if self._improved(ce, self.ce_min) else self.s_m + 1
             self.ce_min = min(self.ce_min, ce)
@@ -228,7 +233,7 @@ class GAPT:
         return self.phase
 
     def state_dict(self):
-        return {k: getattr(self, k) for k in ("phase", "ce_min", "mbe_min", "s_m", "s_c", "switches")}
+        return {k: getattr(self, k) for k in ("phase", "ce_min", "mbe_min", "s_m", "s_c", "switches", "compress_steps")}
 
     def load_state_dict(self, state):
         for k, v in state.items():
@@ -357,12 +362,30 @@ def build_optimizers(model, c, device_type):
 
 # -----------------------------------------------------------------------------
 
+def compression_loss(ce, hidden, c, layer_select, step):
+    """The compression-phase loss: CE + λ · mean over the regularised layers of relu(S_α(R_l) − floor).
+
+    hidden is the stacked residual stream (n_layer, B, T, D); layer_select picks the regularised layers. With
+    mbe_layers="rotate" only one of them (cycling with step) is in the loss. Returns (loss, their per-layer MBE).
+    """
+    layer_mbe = patched_mbe(hidden[layer_select], c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+    penalty = (layer_mbe - c.mbe_floor).clamp_min(0)  # floor 0 changes nothing: MBE >= 0
+    penalty = penalty[step % len(penalty)] if c.mbe_layers == "rotate" else penalty.mean()
+    return ce + c.mbe_weight * penalty, layer_mbe
+
+
+def layer_selection(mbe_layers, n_layer, device):
+    """(index for the stacked hidden states, the layer list as a tensor): a slice when the layers are contiguous,
+    which is a view of the hidden states, where an index list would copy them."""
+    layers = resolve_mbe_layers(mbe_layers, n_layer)
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    index = torch.tensor(layers, device=device)
+    return (slice(layers[0], layers[-1] + 1) if contiguous else index), index
+
+
 def main(c):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from mbe import patched_mbe
-    from model import GPT, GPTConfig
 
     # DDP / device setup --------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -430,10 +453,7 @@ def main(c):
         model.load_state_dict(checkpoint["model"])
     model.to(c.device)
     mbe_layers = resolve_mbe_layers(c.mbe_layers, c.n_layer)
-    # a slice is a view of the stacked hidden states; an index list would copy them
-    contiguous = mbe_layers == list(range(mbe_layers[0], mbe_layers[-1] + 1))
-    layer_select = slice(mbe_layers[0], mbe_layers[-1] + 1) if contiguous else torch.tensor(mbe_layers)
-    layer_index = torch.tensor(mbe_layers, device=c.device)
+    layer_select, layer_index = layer_selection(c.mbe_layers, c.n_layer, c.device)
 
     gapt = GAPT(c.gapt_delta, c.gapt_tau, c.gapt_patience_memorize, c.gapt_patience_compress, c.gapt_delta_mbe_abs)
     iter_num, best_val_loss = 0, math.inf
@@ -569,7 +589,6 @@ def main(c):
         phase = gapt.phase if c.gapt_mode == "gapt" else (2 if c.gapt_mode == "always" else 1)
         regularise = phase == 2
         log_step = (iter_num + 1) % c.log_interval == 0 or iter_num + 1 == c.max_iters
-        rotate_index = iter_num % len(mbe_layers)
 
         # one optimizer step: the whole global batch's windows come from data_rng; this rank takes its slices
         positions = train_data.draw(c.gradient_accumulation_steps * c.batch_size, data_rng)
@@ -581,10 +600,8 @@ def main(c):
             with autocast:
                 _, ce, hidden = model(x, y)
             loss = ce
-            if regularise:  # compression: CE + λ · mean over the regularised layers of relu(MBE − floor)
-                layer_mbe = patched_mbe(hidden[layer_select], c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
-                penalty = (layer_mbe - c.mbe_floor).clamp_min(0)  # floor 0 changes nothing: MBE >= 0
-                loss = ce + c.mbe_weight * (penalty[rotate_index] if c.mbe_layers == "rotate" else penalty.mean())
+            if regularise:
+                loss, layer_mbe = compression_loss(ce, hidden, c, layer_select, iter_num)
                 step_sums[2:].index_add_(0, layer_index, layer_mbe.detach().float())
             elif log_step:  # memorization or baseline: MBE is only measured, on log steps, without gradients
                 with torch.no_grad():

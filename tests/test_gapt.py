@@ -44,7 +44,7 @@ def test_compression_counts_steps_without_mbe_progress_in_any_layer():
     assert g.mbe_min == [5.0, 4.9]  # per-layer minima
     assert g.step(8.5, [5.0, 4.89]) == 2 and g.s_c == 1 and g.ce_min == 8.5  # CE minimum tracked in phase 2 too
     assert g.step(8.6, [5.0, 4.9]) == 1  # patience_compress reached: back to memorization
-    assert g.s_m == 0 and g.switches == 2
+    assert g.s_m == 0 and g.switches == 2 and g.compress_steps == 5
 
 
 def test_ce_spike_ends_compression_immediately():

@@ -1,0 +1,204 @@
+"""
+What does GAPT cost per step? Times full training steps of the model a config describes, on random tokens.
+
+    python bench.py                                         # the default (multiplication) model, ~1 minute on CPU
+    python bench.py config/fineweb_gapt.py --batch_size=1 --device=cpu --compile=False --steps=5
+    python bench.py config/fineweb_gapt.py --batch_size=16  # on a GPU: bf16 and compile as the config says
+
+Variants, alternated step by step in one process so that machine drift affects them equally:
+  (a) baseline           CE only
+  (b) compress           CE + λ·MBE over the regularised layers, patches of mbe_patch_size tokens
+  (c) compress_whole     the same with mbe_patch_size=0 (one matrix per sequence)
+  (d) memorize           a GAPT memorization-phase step: CE, plus the per-step host sync of the CE that the state
+                         machine needs (the trainer measures MBE without gradients only on log steps)
+It also times the MBE of the stacked hidden states alone (forward + backward), the α=2 closed form against the
+eigenvalue path (α=1) at --alpha_shape, and this machine's peak matmul FLOP/s, for the MFU column.
+Bench flags: --steps, --warmup, --alpha_shape=B,N,D (empty to skip), --alpha_threads; the rest are train.py config.
+"""
+
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+
+from mbe import mbe, patched_mbe
+from model import GPT, GPTConfig
+from train import GAPT, compression_loss, layer_selection, load_config, read_meta
+
+BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1}
+
+
+def parse_args(argv):
+    flags, rest = dict(BENCH_FLAGS), []
+    for arg in argv:
+        key = arg[2:].partition("=")[0] if arg.startswith("--") else None
+        if key in flags:
+            value = arg.partition("=")[2]
+            flags[key] = value if key == "alpha_shape" else int(value)
+        else:
+            rest.append(arg)
+    return SimpleNamespace(**flags), load_config(rest)
+
+
+def sync(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device_type):
+    sync(device_type)
+    t0 = time.perf_counter()
+    fn()
+    sync(device_type)
+    return time.perf_counter() - t0
+
+
+def peak_matmul_flops(device, dtype, device_type, n=None, reps=10):
+    """Best achieved FLOP/s of an n x n matmul in the run's dtype: the 'peak' that MFU is measured against."""
+    n = n or (8192 if device_type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = min(timed(lambda: a @ b, device_type) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def activation_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while fn runs (CPU has no allocator statistics)."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def main(argv):
+    bench, c = parse_args(argv)
+    if c.device == "auto":
+        c.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = "cuda" if c.device.startswith("cuda") else "cpu"
+    if c.num_threads:
+        torch.set_num_threads(c.num_threads)
+    if c.dtype == "auto":
+        c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    vocab_size = c.vocab_size or read_meta(c.data_dir).get("vocab_size", 50304)
+    torch.manual_seed(c.seed)
+    model = GPT(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                          n_embd=c.n_embd, dropout=c.dropout, bias=c.bias)).to(c.device)
+    optimizer = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
+    forward = torch.compile(model) if c.compile else model
+    layer_select, _ = layer_selection(c.mbe_layers, c.n_layer, c.device)
+    whole = SimpleNamespace(**{**vars(c), "mbe_patch_size": 0})
+    gapt = GAPT()
+    x = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
+    y = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
+    tokens = c.batch_size * c.block_size
+
+    def forward_loss(variant):
+        with autocast:
+            _, ce, hidden = forward(x, y)
+        if variant == "compress":
+            return compression_loss(ce, hidden, c, layer_select, 0)[0], ce
+        if variant == "compress_whole":
+            return compression_loss(ce, hidden, whole, layer_select, 0)[0], ce
+        return ce, ce
+
+    def train_step(variant):
+        loss, ce = forward_loss(variant)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if variant == "memorize":
+            gapt.step(torch.stack([ce.detach()]).tolist()[0])  # the host sync the state machine needs
+
+    variants = ["baseline", "compress", "compress_whole", "memorize"]
+    times = {v: [] for v in variants}
+    memory = {}
+    for v in variants:  # warm-up (and compilation) first, then memory, one variant at a time
+        for _ in range(bench.warmup):
+            train_step(v)
+        if device_type == "cuda":
+            sync(device_type)
+            torch.cuda.reset_peak_memory_stats()
+            train_step(v)
+            memory[v] = torch.cuda.max_memory_allocated()
+        else:
+            memory[v] = activation_bytes(lambda: forward_loss(v)[0].backward())
+            optimizer.zero_grad(set_to_none=True)
+    for _ in range(bench.steps):  # the timed rounds: every variant once per round
+        for v in variants:
+            times[v].append(timed(lambda: train_step(v), device_type))
+
+    # MBE alone: forward + backward of the regularised layers' patched MBE, as in a compression step
+    with torch.no_grad(), autocast:
+        hidden = forward(x, y)[2][layer_select].detach()
+    hidden.requires_grad_(True)
+
+    def mbe_only():
+        patched_mbe(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center).sum().backward()
+    mbe_ms = statistics.median(timed(mbe_only, device_type) for _ in range(max(3, bench.steps))) * 1000
+
+    peak = peak_matmul_flops(c.device, ptdtype, device_type)
+    flops_per_token = model.flops_per_token()
+    base = statistics.median(times["baseline"])
+    result = {"device": c.device, "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "dtype": c.dtype, "compile": c.compile,
+              "shape": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
+                        "batch_size": c.batch_size, "vocab_size": vocab_size, "params": model.get_num_params()},
+              "mbe_patch_size": c.mbe_patch_size, "mbe_layers": str(c.mbe_layers), "steps": bench.steps,
+              "peak_flops": peak, "memory_kind": "peak allocated" if device_type == "cuda" else "saved activations",
+              "mbe_only_ms": mbe_ms, "variants": {}}
+    print(f"{result['device_name']}, {result['threads']} threads, {c.dtype}, compile={c.compile}; model "
+          f"{c.n_layer}x{c.n_embd}, block {c.block_size}, batch {c.batch_size} ({model.get_num_params() / 1e6:.1f}M "
+          f"params); {bench.steps} timed rounds; measured peak matmul {peak / 1e12:.3f} TFLOP/s\n")
+    print(f"| variant | ms/step (median) | spread (min–max) | tokens/s | ratio to (a) | {result['memory_kind']} MB | "
+          f"memory ratio | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, v in zip("abcd", variants):
+        med = statistics.median(times[v])
+        mfu = flops_per_token * tokens / med / peak
+        row = {"ms_median": med * 1000, "ms_min": min(times[v]) * 1000, "ms_max": max(times[v]) * 1000,
+               "tokens_per_s": tokens / med, "ratio": med / base, "memory_mb": memory[v] / 2 ** 20,
+               "memory_ratio": memory[v] / memory["baseline"], "mfu": mfu}
+        result["variants"][v] = row
+        print(f"| ({label}) {v} | {row['ms_median']:.1f} | {row['ms_min']:.1f}–{row['ms_max']:.1f} | "
+              f"{row['tokens_per_s']:,.0f} | {row['ratio']:.3f} | {row['memory_mb']:.1f} | "
+              f"{row['memory_ratio']:.3f} | {100 * mfu:.1f}% |")
+    print(f"\nMBE alone (forward + backward, {hidden.shape[0]} layers, patch {c.mbe_patch_size}): {mbe_ms:.2f} ms "
+          f"= {mbe_ms / (base * 1000):.1%} of a baseline step")
+
+    if bench.alpha_shape:  # the α=2 closed form against the eigenvalue path, forward + backward
+        B, N, D = (int(v) for v in bench.alpha_shape.split(","))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(bench.alpha_threads)  # LAPACK's eigvalsh can be 100x slower with 2 threads here
+        Z = torch.randn(B, N, D, device=c.device, requires_grad=True)
+        path = {}
+        for alpha in (2.0, 1.0):
+            def fwd_bwd():
+                mbe(Z, alpha).sum().backward()
+            fwd_bwd()
+            path[alpha] = statistics.median(timed(fwd_bwd, device_type) for _ in range(3)) * 1000
+        torch.set_num_threads(threads)
+        result["alpha_shape"] = [B, N, D]
+        result["alpha_threads"] = bench.alpha_threads
+        result["alpha2_ms"], result["eig_ms"] = path[2.0], path[1.0]
+        print(f"MBE at (B={B}, N={N}, D={D}), forward + backward, {bench.alpha_threads} thread(s): α=2 closed form "
+              f"{path[2.0]:.1f} ms, eigenvalue path (α=1) {path[1.0]:.1f} ms: {path[1.0] / path[2.0]:.1f}x")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,29 @@
+# The FineWeb pipeline on a laptop CPU: a tiny GPT-2 (BPE vocabulary) trained with GAPT on a few MB of local text.
+# A few minutes on 2 cores. Prepare the data from any local parquet/jsonl files with a `text` column, e.g.:
+#   python prepare_fineweb.py --local_files ../shared/corpora/python_docs.jsonl --out_dir=data/python_docs \
+#       --shard_size=1000000 --val_tokens=200000
+#   python train.py config/fineweb_cpu.py
+#   python sample.py --out_dir=out-fineweb-cpu --start="The"
+out_dir = "out-fineweb-cpu"
+data_dir = "data/python_docs"
+vocab_size = 50304
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+batch_size = 16
+gradient_accumulation_steps = 1
+max_iters = 1000
+lr_decay_iters = 1000
+warmup_iters = 50
+learning_rate = 2e-3
+min_lr = 2e-4
+beta2 = 0.99
+eval_interval = 200
+eval_iters = 20
+log_interval = 25
+device = "cpu"
+compile = False
+gapt_mode = "gapt"
+mbe_weight = 0.1
+mbe_patch_size = 8

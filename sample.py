@@ -1,0 +1,79 @@
+"""
+Generate from a trained checkpoint: text for BPE (FineWeb-style) runs, answers for the multiplication task.
+
+    python sample.py --out_dir=out-fineweb-cpu --start="The function" --num_samples=3 --max_new_tokens=100
+    python sample.py --out_dir=out-mult-gapt --start="123*45="          # greedy answer, checked against the truth
+    python sample.py --out_dir=out-mult-gapt --start=FILE:prompts.txt   # one prompt per line
+
+The checkpoint's data directory (config data_dir) says which decoder to use: meta.json with task "multiplication"
+uses prepare_mult's characters, anything else GPT-2's BPE (tiktoken r50k_base).
+"""
+
+import argparse
+import os
+
+import torch
+
+from model import GPT, GPTConfig
+from train import read_meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out-mult-gapt", help="directory holding ckpt.pt")
+    parser.add_argument("--start", default="\n", help="the prompt, or FILE:path for one prompt per line")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy; default 0.8 for text, greedy for multiplication")
+    parser.add_argument("--top_k", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        parser.error(f"{path} does not exist: train first (python train.py --out_dir={args.out_dir})")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    model.eval().to(args.device)
+    torch.manual_seed(args.seed)
+    meta = read_meta(checkpoint["config"]["data_dir"])
+    prompts = [args.start]
+    if args.start.startswith("FILE:"):
+        with open(args.start[5:]) as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+
+    if meta.get("task") == "multiplication":
+        import prepare_mult as pm
+        for prompt in prompts:
+            prompt = prompt.strip()
+            ids = torch.tensor([pm.encode("\n" + prompt)], device=args.device)
+            with torch.no_grad():
+                out = model.generate(ids, args.max_new_tokens, temperature=args.temperature or 0.0,
+                                     top_k=args.top_k, stop_token=pm.END)
+            answer = pm.decode(out[0, ids.size(1):].tolist()).split("\n")[0]
+            line = f"{prompt}{answer}"
+            if prompt.endswith("=") and prompt.count("*") == 1:
+                a, b = (int(v) for v in prompt[:-1].split("*"))
+                truth = pm.answer_text(a, b, meta["reverse_answer"])
+                line += "  (correct)" if answer == truth else f"  (wrong: {truth})"
+            print(line)
+        return
+
+    import tiktoken
+    enc = tiktoken.get_encoding(meta.get("tokenizer", "r50k_base"))
+    for prompt in prompts:
+        ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
+        x = torch.tensor([ids] * args.num_samples, device=args.device)
+        with torch.no_grad():
+            temperature = 0.8 if args.temperature is None else args.temperature
+            out = model.generate(x, args.max_new_tokens, temperature=temperature, top_k=args.top_k)
+        for row in out.tolist():
+            print(enc.decode([t for t in row if t < enc.n_vocab]))
+            print("-" * 40)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The multiplication task: data format, hold-out, the answer metrics, and a tiny end-to-end run."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import prepare_mult as pm
+from conftest import REPO, TINY, read_log, run_train
+from train import read_shard
+
+
+def test_encode_decode_round_trip():
+    text = "12*34=408\n7*8=56\n"
+    assert pm.decode(pm.encode(text)) == text
+    assert pm.encode("0123456789*=\n") == list(range(13))
+    with pytest.raises(ValueError, match="not in the multiplication vocabulary"):
+        pm.encode("1+2")
+
+
+def test_sampled_operands_respect_digit_range():
+    a, b = pm.sample_problems(20000, (2, 4), np.random.default_rng(0))
+    for x in (a, b):
+        digits = pm.num_digits(x)
+        assert digits.min() == 2 and digits.max() == 4
+        assert abs((digits == 3).mean() - 1 / 3) < 0.02  # lengths uniform
+        assert (x >= 10).all()  # leading digit non-zero
+    with pytest.raises(ValueError, match="digit range"):
+        pm.sample_problems(10, (3, 1), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tokens_spell_the_examples(reverse):
+    a, b = np.array([3, 45, 999, 100]), np.array([7, 12, 999, 1000])
+    text = pm.decode(pm.problems_to_tokens(a, b, reverse))
+    expected = "".join(f"{x}*{y}={str(x * y)[::-1] if reverse else x * y}\n" for x, y in zip(a, b))
+    assert text == expected
+
+
+def parse_examples(tokens):
+    return [tuple(int(v) for v in line.replace("=", "*").split("*")[:2])
+            for line in pm.decode(tokens).split("\n") if line]
+
+
+def test_dataset_holds_out_validation_problems_and_is_deterministic():
+    kw = dict(train_examples=30000, val_examples=500, eval_examples=200, train_digits=(1, 2), ood_digits=(3, 4))
+    train, val, meta = pm.make_dataset(seed=1, **kw)
+    train_pairs = {frozenset((x, y)) for x, y in parse_examples(train)}
+    held_out = [tuple(p) for p in meta["eval_id"]] + parse_examples(val)
+    assert not any(frozenset(p) in train_pairs for p in held_out)
+    assert len(parse_examples(train)) == 30000 and len(parse_examples(val)) == 500
+    assert len({frozenset(p) for p in meta["eval_id"]}) == 200  # distinct evaluation problems
+    # at most 10% of a stratum is held out: 4 of the 45 one-digit problems, the other 41 are all trained on
+    one_digit = {frozenset(p) for p in held_out if max(p) < 10}
+    assert 1 <= len(one_digit) <= 4
+    assert len({p for p in train_pairs if max(p) < 10}) == 45 - len(one_digit)
+    with pytest.raises(ValueError, match="cannot hold out"):
+        pm.make_dataset(seed=1, **{**kw, "val_examples": 5000})
+    assert all(1 <= pm.num_digits(x) <= 2 for p in meta["eval_id"] for x in p)
+    assert all(3 <= pm.num_digits(x) <= 4 for p in meta["eval_ood"] for x in p)
+    again, _, meta_again = pm.make_dataset(seed=1, **kw)
+    assert np.array_equal(train, again) and meta == meta_again
+    other, _, _ = pm.make_dataset(seed=2, **kw)
+    assert not np.array_equal(train[:1000], other[:1000])
+
+
+class OracleModel:
+    """Answers a*b correctly when a is in `knows`, else always predicts '7'. Reads the prompt from the input ids,
+    so it works both teacher-forced (answer_metrics) and autoregressively (greedy decoding below)."""
+
+    def __init__(self, knows, reverse=False):
+        self.knows, self.reverse = knows, reverse
+
+    def __call__(self, x, y=None):
+        logits = torch.zeros(*x.shape, 13)
+        for i, row in enumerate(x.tolist()):
+            text = pm.decode(row)
+            for t in range(len(row)):
+                prefix = text[:t + 1].lstrip("\n")
+                if "=" not in prefix:
+                    continue
+                lhs, partial = prefix.split("=")
+                a, b = (int(v) for v in lhs.split("*"))
+                answer = pm.answer_text(a, b, self.reverse) + "\n"
+                if a in self.knows:
+                    nxt = answer[len(partial)] if len(partial) < len(answer) else "\n"
+                else:
+                    nxt = "7"
+                logits[i, t, pm.STOI[nxt]] = 10.0
+        return logits, None, None
+
+
+def greedy_exact(model, problems, reverse=False):
+    correct = []
+    for a, b in problems:
+        ids = pm.encode(f"\n{a}*{b}=")
+        target = pm.answer_text(a, b, reverse) + "\n"
+        out = ""
+        while len(out) < len(target) and not out.endswith("\n"):
+            logits = model(torch.tensor([ids]))[0]
+            nxt = int(logits[0, -1].argmax())
+            ids.append(nxt)
+            out += pm.VOCAB[nxt]
+        correct.append(out == target)
+    return correct
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_exact_match_equals_greedy_decoding(reverse):
+    problems = [[3, 4], [12, 34], [99, 9], [7, 123], [45, 67], [8, 8]]
+    model = OracleModel(knows={3, 12, 8}, reverse=reverse)
+    metrics = pm.answer_metrics(model, problems, reverse)
+    greedy = greedy_exact(model, problems, reverse)
+    assert greedy == [True, True, False, False, False, True]
+    assert metrics["exact"] == pytest.approx(np.mean(greedy))
+    assert metrics["exact_by_digits"] == {"1x1": 1.0, "1x3": 0.0, "2x1": 0.0, "2x2": 0.5}
+
+
+def test_answer_ce_of_oracle_and_uniform_models():
+    problems = [[3, 4], [12, 34], [999, 999]]
+    oracle = pm.answer_metrics(OracleModel(knows={3, 12, 999}), problems)
+    assert oracle["answer_ce"] < 1e-3 and oracle["exact"] == 1.0
+
+    def uniform(x, y=None):
+        return torch.zeros(*x.shape, 13), None, None
+    flat = pm.answer_metrics(uniform, problems)
+    assert flat["answer_ce"] == pytest.approx(math.log(13), abs=1e-5) and flat["exact"] == 0.0
+
+
+def test_answer_ce_counts_only_answer_tokens():
+    x, y = pm.eval_batch([[12, 34]])
+    assert pm.decode(x[0].tolist()) == "\n12*34=408"
+    scored = [pm.VOCAB[t] for t in y[0].tolist() if t >= 0]
+    assert scored == list("408\n")
+
+
+def test_prepare_and_train_end_to_end(tmp_path):
+    data = str(tmp_path / "mult")
+    subprocess.run([sys.executable, os.path.join(REPO, "prepare_mult.py"), f"--out_dir={data}",
+                    "--train_examples=20000", "--val_examples=500", "--eval_examples=50"], check=True, cwd=REPO,
+                   capture_output=True)
+    assert len(read_shard(os.path.join(data, "train_000000.bin"))) > 20000 * 5
+    out = str(tmp_path / "run")
+    tiny = [a for a in TINY if not a.startswith("--block_size")]
+    run_train(*tiny, "--block_size=32", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=6",
+              "--eval_interval=3", "--log_interval=3")
+    evals = read_log(out, "eval")
+    assert [e["iter"] for e in evals] == [0, 3, 6]
+    for key in ("id_answer_ce", "ood_answer_ce", "id_exact", "ood_exact"):
+        assert math.isfinite(evals[-1][key])
+    assert evals[0]["id_answer_ce"] == pytest.approx(math.log(13), abs=0.3)  # untrained: near uniform
+    assert set(evals[-1]["ood_exact_by_digits"]) <= {f"{a}x{b}" for a in range(4, 7) for b in range(4, 7)}
+    short = run_train(*tiny, "--block_size=16", f"--data_dir={data}", f"--out_dir={out}x", check=False)
+    assert short.returncode == 1 and "raise block_size" in short.stderr
+
+
+def test_prepare_rejects_bad_ranges(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "prepare_mult.py"), "--train_digits=3-1",
+                             f"--out_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "--train_digits" in result.stderr
