@@ -86,6 +86,7 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the model
     num_threads=0,  # torch CPU threads per process; 0 keeps torch's default
     peak_flops=0.0,  # the hardware's peak FLOP/s for the MFU column; 0 leaves MFU out (bench.py measures one)
+    align_interval=0,  # every this many steps, log the cosine between the CE and MBE gradients (0 = off)
 )
 
 # keys whose value may have another type than their default's
@@ -383,6 +384,43 @@ def layer_selection(mbe_layers, n_layer, device):
     return (slice(layers[0], layers[-1] + 1) if contiguous else index), index
 
 
+def gradient_cosines(loss_a, loss_b, blocks):
+    """Cosine between the gradients of two losses over the parameters of `blocks` (a list of modules): over all of
+    them together, and per block (None where a gradient is zero). Uses autograd.grad: no .grad is touched."""
+    params = [p for block in blocks for p in block.parameters()]
+    grads_a = torch.autograd.grad(loss_a, params, retain_graph=True, allow_unused=True)
+    grads_b = torch.autograd.grad(loss_b, params, allow_unused=True)
+    dots, norms_a, norms_b, i = [], [], [], 0
+    for block in blocks:
+        n = len(list(block.parameters()))
+        ga = [g.float().flatten() if g is not None else torch.zeros(p.numel(), device=p.device)
+              for g, p in zip(grads_a[i:i + n], params[i:i + n])]
+        gb = [g.float().flatten() if g is not None else torch.zeros(p.numel(), device=p.device)
+              for g, p in zip(grads_b[i:i + n], params[i:i + n])]
+        ga, gb = torch.cat(ga), torch.cat(gb)
+        dots.append(ga @ gb)
+        norms_a.append(ga @ ga)
+        norms_b.append(gb @ gb)
+        i += n
+    dots, norms_a, norms_b = torch.stack(dots).double(), torch.stack(norms_a).double(), torch.stack(norms_b).double()
+
+    def cosine(dot, na, nb):
+        return float(dot / (na.sqrt() * nb.sqrt())) if na > 0 and nb > 0 else None
+    per_block = [cosine(d, a, b) for d, a, b in zip(dots, norms_a, norms_b)]
+    return cosine(dots.sum(), norms_a.sum(), norms_b.sum()), per_block
+
+
+def gradient_alignment(model, x, y, c, layer_select):
+    """The paper's memorization-compression signal: the cosine between the gradients of CE and of the mean MBE over
+    the regularised layers, on one batch, over the transformer blocks' parameters. Leaves the RNG streams as they were
+    (fork_rng), so training is not changed."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        _, ce, hidden = model(x, y)
+        layer_mbe = patched_mbe(hidden[layer_select], c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+        return gradient_cosines(ce, layer_mbe.mean(), list(model.transformer.h))
+
+
 def main(c):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -537,8 +575,11 @@ def main(c):
 
     log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
 
+    def current_phase():
+        return gapt.phase if c.gapt_mode == "gapt" else (2 if c.gapt_mode == "always" else 1)
+
     def log(record):
-        record = {"iter": iter_num, "phase": gapt.phase, **record}
+        record = {"iter": iter_num, "phase": current_phase(), **record}
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -557,6 +598,7 @@ def main(c):
     first_bad_iter = torch.full((), -1, dtype=torch.long, device=c.device)  # first step with a non-finite loss
     log_sums = torch.zeros(3, device=c.device)  # steps, loss and CE summed over the log interval
     t_last, timed_steps = time.perf_counter(), 0
+    last_align = None  # the latest CE/MBE gradient cosine, shown on the stdout line
     while True:
         if iter_num % c.eval_interval == 0 or iter_num >= c.max_iters or c.eval_only:
             metrics = evaluate()
@@ -586,7 +628,7 @@ def main(c):
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-        phase = gapt.phase if c.gapt_mode == "gapt" else (2 if c.gapt_mode == "always" else 1)
+        phase = current_phase()
         regularise = phase == 2
         log_step = (iter_num + 1) % c.log_interval == 0 or iter_num + 1 == c.max_iters
 
@@ -594,6 +636,14 @@ def main(c):
         positions = train_data.draw(c.gradient_accumulation_steps * c.batch_size, data_rng)
         step_sums = torch.zeros(2 + c.n_layer, device=c.device)  # loss, CE, per-layer MBE summed over micro-steps
         x, y = fetch(*train_data.windows(positions[rank * micro_steps * c.batch_size:][:c.batch_size]))
+        if c.align_interval and iter_num % c.align_interval == 0 and master:
+            # rank 0 alone, on the plain module (no DDP hooks, so no collective): the others wait at the all-reduce
+            t0 = time.perf_counter()
+            with autocast:
+                cos_all, cos_blocks = gradient_alignment(raw_model, x, y, c, layer_select)
+            align_ms = (time.perf_counter() - t0) * 1000
+            log({"kind": "align", "align_cos": cos_all, "align_cos_blocks": cos_blocks, "align_ms": align_ms})
+            last_align = cos_all
         for micro in range(micro_steps):
             if ddp:
                 model.require_backward_grad_sync = micro == micro_steps - 1  # what no_sync() does
@@ -629,6 +679,8 @@ def main(c):
                 raise FloatingPointError(f"non-finite loss at iter {iter_num}; the last good checkpoint in "
                                          f"{c.out_dir} is left as it was")
             gapt.step(stats[1], [stats[2 + i] for i in mbe_layers] if regularise else None)
+            if gapt.phase != phase:  # an exact record of every switch, for plots
+                log({"kind": "switch", "iter": iter_num + 1, "phase": gapt.phase, "from_phase": phase})
         log_sums += torch.cat([torch.ones(1, device=c.device), step_sums[:2]])
         iter_num += 1
         timed_steps += 1
@@ -646,8 +698,9 @@ def main(c):
                                          f"checkpoint in {c.out_dir} is left as it was")
             if master:
                 print(f"iter {iter_num}: loss {loss_mean:.4f} | CE {ce_mean:.4f} | MBE {mbe_mean:.4f} | phase "
-                      f"{gapt.phase} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | {tok_s:,.0f} tok/s"
-                      + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+                      f"{phase} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | {tok_s:,.0f} tok/s"
+                      + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
+                      + (f" | grad cos {last_align:+.3f}" if last_align is not None else ""))
                 log({"kind": "train", "loss": loss_mean, "ce": ce_mean, "mbe": mbe_mean, "mbe_layers": mbe_all,
                      "lr": lr, "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu,
                      "phase": phase, "next_phase": gapt.phase,  # the phase this step trained in, and the next's

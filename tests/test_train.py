@@ -80,7 +80,7 @@ def test_exact_resume(token_data, tmp_path):
 
 def test_ddp_two_processes_match_one(token_data, tmp_path):
     common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=gapt", *FAST_GAPT, "--log_interval=1",
-              "--eval_interval=100", "--max_iters=10", "--gradient_accumulation_steps=2"]
+              "--eval_interval=100", "--max_iters=10", "--gradient_accumulation_steps=2", "--align_interval=3"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_train(*common, f"--out_dir={one}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -90,6 +90,7 @@ def test_ddp_two_processes_match_one(token_data, tmp_path):
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-4)
     assert read_log(one, "eval")[-1]["val_ce"] == pytest.approx(read_log(two, "eval")[-1]["val_ce"], abs=1e-4)
+    assert [r["iter"] for r in read_log(two, "align")] == [0, 3, 6, 9]  # rank 0 alone, without a deadlock
 
 
 def test_compile(token_data, tmp_path):
@@ -185,3 +186,36 @@ def test_batches_do_not_depend_on_world_size(token_data):
     assert torch.equal(torch.cat(halves), x_all)
     x, y = data.windows(positions[:2])
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_gradient_alignment_does_not_change_training(token_data, tmp_path):
+    common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=gapt", *FAST_GAPT, "--log_interval=1",
+              "--eval_interval=100", "--max_iters=8", "--dropout=0.1", "--gradient_accumulation_steps=2"]
+    plain, aligned = str(tmp_path / "plain"), str(tmp_path / "aligned")
+    run_train(*common, f"--out_dir={plain}")
+    result = run_train(*common, f"--out_dir={aligned}", "--align_interval=2")
+    assert [r["loss"] for r in read_log(plain, "train")] == [r["loss"] for r in read_log(aligned, "train")]
+    align = read_log(aligned, "align")
+    assert [r["iter"] for r in align] == [0, 2, 4, 6]
+    for r in align:
+        assert -1 <= r["align_cos"] <= 1 and len(r["align_cos_blocks"]) == 3 and r["align_ms"] > 0
+        # the MBE is taken on block 1 (the only regularised one of 3): block 2 gets no MBE gradient
+        assert r["align_cos_blocks"][2] is None and r["align_cos_blocks"][0] is not None
+    assert "grad cos" in result.stdout
+    assert not read_log(plain, "align")
+
+
+def test_gradient_cosines_of_identical_and_opposite_losses():
+    from model import GPT, GPTConfig
+    from train import gradient_cosines
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=2, n_embd=16))
+    x = torch.randint(16, (2, 8))
+    _, ce, _ = model(x, x)
+    blocks = list(model.transformer.h)
+    same, same_blocks = gradient_cosines(ce, ce, blocks)
+    assert same == pytest.approx(1.0, abs=1e-6) and all(v == pytest.approx(1.0, abs=1e-6) for v in same_blocks)
+    _, ce, _ = model(x, x)
+    opposite, opposite_blocks = gradient_cosines(ce, -ce, blocks)
+    assert opposite == pytest.approx(-1.0, abs=1e-6) and all(v == pytest.approx(-1.0, abs=1e-6) for v in opposite_blocks)
+    assert all(p.grad is None for p in model.parameters())  # no .grad touched

@@ -1,0 +1,135 @@
+"""
+Plot one or more runs from their log.jsonl: CE, MBE, the CE/MBE gradient alignment and the GAPT phase.
+
+    python plot.py out-mult-baseline out-mult-gapt -o mult.png
+    python plot.py out-mult-gapt -o gapt.png --csv gapt.csv        # also dump the merged series
+
+Panels share the step axis: (1) train CE and validation CE, (2) mean MBE of the regularised layers (train and
+validation) with the per-layer validation MBE as thin lines, (3) the cosine between the gradients of CE and MBE
+(align_interval runs), with a zero line, (4) the phase. Compression phases are shaded on every panel, in each run's
+colour. Runs overlay with a legend.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CSV_COLUMNS = ["run", "iter", "kind", "phase", "loss", "ce", "mbe", "val_ce", "val_mbe", "align_cos", "align_ms"]
+
+
+def read_run(out_dir):
+    path = os.path.join(out_dir, "log.jsonl") if os.path.isdir(out_dir) else out_dir
+    if not os.path.exists(path):
+        sys.exit(f"error: {path} not found (pass run directories that hold a log.jsonl)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def compression_spans(records):
+    """[(start, end)] step ranges trained in phase 2: from the switch records when the run has them (exact), else
+    from the phase of each train record (to the log interval)."""
+    trains = [r for r in records if r.get("kind") == "train"]
+    if not trains:
+        return []
+    switches = [(r["iter"], r["phase"]) for r in records if r.get("kind") == "switch"]
+    changes = switches or [(r["iter"] - 1, r["phase"]) for r in trains]  # a train record covers its step
+    spans, start, phase = [], 0, 1
+    for it, new_phase in changes:
+        if phase == 2 and new_phase != 2:
+            spans.append((start, it))
+        if new_phase == 2 and phase != 2:
+            start = it
+        phase = new_phase
+    if phase == 2:
+        spans.append((start, trains[-1]["iter"]))
+    return spans
+
+
+def plot(runs, output):
+    fig, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2, 1]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (label, records) in enumerate(runs):
+        color = colors[k % len(colors)]
+        train = [r for r in records if r.get("kind") == "train"]
+        evals = [r for r in records if r.get("kind") == "eval"]
+        align = [r for r in records if r.get("kind") == "align" and r.get("align_cos") is not None]
+        if train:
+            axes[0].plot([r["iter"] for r in train], [r["ce"] for r in train], color=color, label=f"{label} train")
+            axes[1].plot([r["iter"] for r in train], [r["mbe"] for r in train], color=color, label=f"{label} train")
+        if evals:
+            axes[0].plot([r["iter"] for r in evals], [r["val_ce"] for r in evals], color=color, ls="--", marker=".",
+                         label=f"{label} val")
+            axes[1].plot([r["iter"] for r in evals], [r["val_mbe"] for r in evals], color=color, ls="--",
+                         marker=".", label=f"{label} val")
+            for layer in range(len(evals[0]["val_mbe_layers"])):
+                axes[1].plot([r["iter"] for r in evals], [r["val_mbe_layers"][layer] for r in evals], color=color,
+                             lw=0.6, alpha=0.5)
+        if align:
+            axes[2].plot([r["iter"] for r in align], [r["align_cos"] for r in align], color=color, lw=0.9,
+                         label=label)
+        spans = compression_spans(records)
+        for start, end in spans:
+            for ax in axes:
+                ax.axvspan(start, end, color=color, alpha=0.12, lw=0)
+        phase_x, phase_y = [0], [1]
+        for start, end in spans:
+            phase_x += [start, start, end, end]
+            phase_y += [1, 2, 2, 1]
+        if train:
+            phase_x.append(train[-1]["iter"])
+            phase_y.append(phase_y[-1])
+            axes[3].plot(phase_x, phase_y, color=color, label=label)
+    axes[0].set_ylabel("cross-entropy")
+    axes[1].set_ylabel("MBE (nats)")
+    axes[2].set_ylabel("cos(∇CE, ∇MBE)")
+    axes[2].axhline(0.0, color="black", lw=0.8)
+    axes[3].set_ylabel("phase")
+    axes[3].set_yticks([1, 2], ["memorize", "compress"])
+    axes[3].set_ylim(0.7, 2.3)
+    axes[3].set_xlabel("optimizer step")
+    for ax in axes[:3]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("shaded: compression phases")
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
+def write_csv(runs, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for label, records in runs:
+            for r in records:
+                writer.writerow({"run": label, **{k: r.get(k, "") for k in CSV_COLUMNS if k != "run"}})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories (out_dir) or log.jsonl files")
+    parser.add_argument("-o", "--output", default="gapt.png")
+    parser.add_argument("--labels", nargs="*", help="legend labels (default: the directory names)")
+    parser.add_argument("--csv", help="also write the merged series to this CSV file")
+    args = parser.parse_args(argv)
+    labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
+    if len(labels) != len(args.runs):
+        parser.error("--labels needs one label per run")
+    runs = [(label, read_run(r)) for label, r in zip(labels, args.runs)]
+    plot(runs, args.output)
+    print(f"wrote {args.output}")
+    if args.csv:
+        write_csv(runs, args.csv)
+        print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
