@@ -711,6 +711,7 @@ def main(c):
     if log_file:
         log_file.close()
     if ddp:
+        dist.barrier()  # every rank done (rank 0 may still be writing the checkpoint) before gloo/NCCL shut down
         dist.destroy_process_group()
 
 
