@@ -109,7 +109,7 @@ def main(argv):
 
     def forward_loss(variant):
         with autocast:
-            _, ce, hidden = forward(x, y)
+            _, ce, hidden = forward(x, y, return_hidden=variant.startswith("compress"))
         if variant == "compress":
             return compression_loss(ce, hidden, c, layer_select, 0)[0], ce
         if variant == "compress_whole":

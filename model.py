@@ -125,10 +125,10 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_hidden=True):
         """
         idx: (B, T) token ids; targets: (B, T) ids or None (-1 = ignored position).
-        Returns (logits, loss, hidden):
+        Returns (logits, loss, hidden), hidden None when return_hidden=False (saves a copy of the residual streams):
           logits (B, T, vocab) when targets are given, else (B, 1, vocab) for the last position only;
           loss   the mean cross-entropy, or None;
           hidden (n_layer, B, T, n_embd): the residual stream after every block, before ln_f
@@ -142,7 +142,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
             hidden.append(x)
-        hidden = torch.stack(hidden)  # (n_layer, B, T, C)
+        hidden = torch.stack(hidden) if return_hidden else None  # (n_layer, B, T, C)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab)

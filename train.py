@@ -648,7 +648,7 @@ def main(c):
             if ddp:
                 model.require_backward_grad_sync = micro == micro_steps - 1  # what no_sync() does
             with autocast:
-                _, ce, hidden = model(x, y)
+                _, ce, hidden = model(x, y, return_hidden=regularise or log_step)
             loss = ce
             if regularise:
                 loss, layer_mbe = compression_loss(ce, hidden, c, layer_select, iter_num)

@@ -219,3 +219,56 @@ def test_gradient_cosines_of_identical_and_opposite_losses():
     opposite, opposite_blocks = gradient_cosines(ce, -ce, blocks)
     assert opposite == pytest.approx(-1.0, abs=1e-6) and all(v == pytest.approx(-1.0, abs=1e-6) for v in opposite_blocks)
     assert all(p.grad is None for p in model.parameters())  # no .grad touched
+
+
+def compression_setup(**overrides):
+    from types import SimpleNamespace
+    c = SimpleNamespace(**{**load_config([]).__dict__, "mbe_weight": 1.0, **overrides})
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 2, 16, 8, requires_grad=True)  # (n_layer, B, T, D)
+    return c, hidden
+
+
+def test_compression_loss_is_ce_plus_weighted_mean_mbe():
+    from mbe import patched_mbe
+    from train import compression_loss, layer_selection
+    c, hidden = compression_setup(mbe_weight=0.5)
+    select, _ = layer_selection("auto", 4, "cpu")
+    loss, layer_mbe = compression_loss(torch.tensor(2.0), hidden, c, select, 0)
+    assert layer_mbe.shape == (2,)
+    assert torch.allclose(layer_mbe, patched_mbe(hidden[1:3], 8))
+    assert loss.item() == pytest.approx(2.0 + 0.5 * layer_mbe.mean().item(), abs=1e-6)
+
+
+def test_mbe_floor_stops_the_gradient_below_it():
+    from train import compression_loss, layer_selection
+    select, _ = layer_selection("auto", 4, "cpu")
+    c, hidden = compression_setup(mbe_floor=100.0)  # above any MBE: no reward for compressing further
+    loss, _ = compression_loss(torch.tensor(2.0), hidden, c, select, 0)
+    loss.backward()
+    assert loss.item() == pytest.approx(2.0) and torch.count_nonzero(hidden.grad) == 0
+    c, hidden = compression_setup(mbe_floor=0.5)  # below the MBE: the gradient is that of plain MBE
+    compression_loss(torch.tensor(2.0), hidden, c, select, 0)[0].backward()
+    assert torch.count_nonzero(hidden.grad[1:3]) > 0
+
+
+def test_rotate_regularises_one_middle_layer_per_step():
+    from train import compression_loss, layer_selection
+    select, _ = layer_selection("rotate", 4, "cpu")
+    for step, layer in ((0, 1), (1, 2), (2, 1)):
+        c, hidden = compression_setup(mbe_layers="rotate")
+        loss, layer_mbe = compression_loss(torch.tensor(0.0), hidden, c, select, step)
+        loss.backward()
+        assert loss.item() == pytest.approx(layer_mbe[layer - 1].item(), abs=1e-6)
+        touched = [i for i in range(4) if torch.count_nonzero(hidden.grad[i]) > 0]
+        assert touched == [layer]
+
+
+def test_non_contiguous_layer_selection():
+    from train import layer_selection
+    select, index = layer_selection([0, 2], 4, "cpu")
+    assert torch.equal(index, torch.tensor([0, 2]))
+    hidden = torch.arange(4.0)[:, None]
+    assert hidden[select].flatten().tolist() == [0.0, 2.0]
+    select, _ = layer_selection("auto", 4, "cpu")
+    assert select == slice(1, 3)
