@@ -104,6 +104,17 @@ def plot(runs, output):
     plt.close(fig)
 
 
+def alignment_summary(records, transient=0):
+    """Number of alignment points after `transient` steps, how many sign changes the global cosine makes there, and
+    the fraction of positive cosines: the paper's memorization-compression cycle is a cosine that keeps changing
+    sign during plain training."""
+    cos = [r["align_cos"] for r in records if r.get("kind") == "align" and r.get("align_cos") is not None
+           and r["iter"] >= transient]
+    changes = sum(1 for a, b in zip(cos, cos[1:]) if (a > 0) != (b > 0))
+    positive = sum(1 for v in cos if v > 0) / len(cos) if cos else float("nan")
+    return len(cos), changes, positive
+
+
 def write_csv(runs, path):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -119,6 +130,8 @@ def main(argv=None):
     parser.add_argument("-o", "--output", default="gapt.png")
     parser.add_argument("--labels", nargs="*", help="legend labels (default: the directory names)")
     parser.add_argument("--csv", help="also write the merged series to this CSV file")
+    parser.add_argument("--transient", type=int, default=0,
+                        help="leave the first steps out of the printed alignment summary")
     args = parser.parse_args(argv)
     labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if len(labels) != len(args.runs):
@@ -126,6 +139,11 @@ def main(argv=None):
     runs = [(label, read_run(r)) for label, r in zip(labels, args.runs)]
     plot(runs, args.output)
     print(f"wrote {args.output}")
+    for label, records in runs:
+        points, changes, positive = alignment_summary(records, args.transient)
+        if points:
+            print(f"{label}: {points} gradient-alignment points from step {args.transient}: the cosine changes sign "
+                  f"{changes} times, positive {positive:.0%} of the time")
     if args.csv:
         write_csv(runs, args.csv)
         print(f"wrote {args.csv}")

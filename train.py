@@ -468,6 +468,9 @@ def main(c):
             raise ConfigError(f"vocab_size=0 means 'read it from {c.data_dir}/meta.json', which has none; "
                               f"set --vocab_size")
         c.vocab_size = int(meta["vocab_size"])
+    if meta.get("vocab_size", 0) > c.vocab_size:
+        raise ConfigError(f"vocab_size {c.vocab_size} is smaller than the data's ({meta['vocab_size']}, from "
+                          f"{c.data_dir}/meta.json); raise vocab_size or set it to 0")
     data_rng = torch.Generator().manual_seed(c.seed)  # the same on every rank: each takes its slice of the batch
 
     def fetch(x, y):

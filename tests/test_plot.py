@@ -55,3 +55,10 @@ def test_a_log_without_alignment_or_phases_still_plots(tmp_path):
     png = tmp_path / "plain.png"
     plot.main([base, "-o", str(png)])
     assert png.stat().st_size > 10_000
+
+
+def test_alignment_summary():
+    records = [{"kind": "align", "iter": i, "align_cos": v} for i, v in enumerate([0.5, -0.1, -0.2, 0.3, None, 0.1])]
+    assert plot.alignment_summary(records) == (5, 2, 0.6)
+    assert plot.alignment_summary(records, transient=2) == (3, 1, 2 / 3)
+    assert plot.alignment_summary([])[:2] == (0, 0)
