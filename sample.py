@@ -28,6 +28,7 @@ def main(argv=None):
                         help="0 = greedy; default 0.8 for text, greedy for multiplication")
     parser.add_argument("--top_k", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--data_dir", help="where the run's meta.json is (default: the checkpoint's data_dir)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -39,7 +40,11 @@ def main(argv=None):
     model.load_state_dict(checkpoint["model"])
     model.eval().to(args.device)
     torch.manual_seed(args.seed)
-    meta = read_meta(checkpoint["config"]["data_dir"])
+    data_dir = args.data_dir or checkpoint["config"]["data_dir"]
+    meta = read_meta(data_dir)
+    if not meta:
+        parser.error(f"{data_dir}/meta.json not found, so the tokenizer is unknown: run from the directory you "
+                     f"trained in, or pass --data_dir")
     prompts = [args.start]
     if args.start.startswith("FILE:"):
         with open(args.start[5:]) as f:

@@ -154,6 +154,10 @@ def test_prepare_and_train_end_to_end(tmp_path):
         assert math.isfinite(evals[-1][key])
     assert evals[0]["id_answer_ce"] == pytest.approx(math.log(13), abs=0.3)  # untrained: near uniform
     assert set(evals[-1]["ood_exact_by_digits"]) <= {f"{a}x{b}" for a in range(4, 7) for b in range(4, 7)}
+    sampled = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--out_dir={out}", "--start=12*34="],
+                             cwd=REPO, capture_output=True, text=True)
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("12*34=") and ("(correct)" in sampled.stdout or "(wrong: 408)" in sampled.stdout)
     short = run_train(*tiny, "--block_size=16", f"--data_dir={data}", f"--out_dir={out}x", check=False)
     assert short.returncode == 1 and "raise block_size" in short.stderr
 
