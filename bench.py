@@ -27,7 +27,7 @@ import torch
 
 from mbe import mbe, patched_mbe
 from model import GPT, GPTConfig
-from train import GAPT, compression_loss, layer_selection, load_config, read_meta
+from train import GAPT, ConfigError, compression_loss, layer_selection, load_config, read_meta
 
 BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1}
 
@@ -201,4 +201,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e} (bench flags: {', '.join('--' + k for k in BENCH_FLAGS)})")
