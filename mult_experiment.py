@@ -30,9 +30,10 @@ def run_name(config, overrides):
 
 
 def final_metrics(out_dir):
-    """The last eval record and the last train record of a run, merged; None if the run has not finished."""
+    """The last eval record and the last train record of a run, merged; None if the run has not finished (the
+    script marks a finished run with a file named `done`)."""
     path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not os.path.exists(os.path.join(out_dir, "done")):
         return None
     with open(path) as f:
         records = [json.loads(line) for line in f]
@@ -103,7 +104,7 @@ def main(argv=None):
         while pending or active:
             while pending and len(active) < args.jobs:
                 config, seed, out_dir = pending.pop(0)
-                if final_metrics(out_dir) is not None and os.path.exists(os.path.join(out_dir, "done")):
+                if final_metrics(out_dir) is not None:
                     print(f"[skip] {out_dir} is finished")
                     continue
                 os.makedirs(out_dir, exist_ok=True)

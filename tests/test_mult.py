@@ -166,3 +166,31 @@ def test_prepare_rejects_bad_ranges(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "prepare_mult.py"), "--train_digits=3-1",
                              f"--out_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "--train_digits" in result.stderr
+
+
+def test_experiment_table_reads_finished_runs_only(tmp_path, capsys):
+    import json as _json
+
+    import mult_experiment as me
+
+    def fake_run(name, seed, ood_ce, mode, finished=True):
+        d = tmp_path / f"{name}-s{seed}"
+        d.mkdir()
+        gapt = {"compress_steps": 30, "switches": 4} if mode == "gapt" else None
+        records = [{"kind": "eval", "iter": 100, "phase": 1, "id_answer_ce": 0.5, "ood_answer_ce": ood_ce,
+                    "id_exact": 0.5, "ood_exact": 0.0, "val_ce": 1.0, "val_mbe": 0.3, "val_mbe_layers": [0.3]},
+                   {"kind": "train", "iter": 100, "phase": 2 if mode == "always" else 1, "gapt": gapt}]
+        (d / "log.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in records))
+        if finished:
+            (d / "done").write_text("")
+
+    for seed, ood in ((0, 4.0), (1, 6.0)):
+        fake_run("mult_baseline", seed, ood, "off")
+        fake_run("mult_gapt", seed, ood * 0.5, "gapt")
+    fake_run("mult_gapt", 2, 100.0, "gapt", finished=False)  # still running: left out
+    me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "1", "2",
+             "--configs", os.path.join(REPO, "config", "mult_baseline.py"), os.path.join(REPO, "config", "mult_gapt.py")])
+    out = capsys.readouterr().out
+    assert "| mult_baseline | 2 | 0.500 ± 0.000 | 5.000 ± 1.414 | 50.0 ± 0.0% |" in out
+    assert "| mult_gapt | 2 | 0.500 ± 0.000 | 2.500 ± 0.707 |" in out and "| 30% | 4.0 |" in out
+    assert "mult_gapt: OOD answer-CE +50.0% better than mult_baseline" in out
