@@ -52,7 +52,7 @@ def compression_spans(records):
     return spans
 
 
-def plot(runs, output):
+def plot(runs, output, smooth=1):
     fig, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2, 1]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (label, records) in enumerate(runs):
@@ -72,8 +72,13 @@ def plot(runs, output):
                 axes[1].plot([r["iter"] for r in evals], [r["val_mbe_layers"][layer] for r in evals], color=color,
                              lw=0.6, alpha=0.5)
         if align:
-            axes[2].plot([r["iter"] for r in align], [r["align_cos"] for r in align], color=color, lw=0.9,
-                         label=label)
+            steps, cos = [r["iter"] for r in align], [r["align_cos"] for r in align]
+            if smooth > 1:
+                axes[2].plot(steps, cos, color=color, lw=0.5, alpha=0.35)
+                axes[2].plot(steps, moving_average(cos, smooth), color=color, lw=1.5,
+                             label=f"{label} (mean of {smooth})")
+            else:
+                axes[2].plot(steps, cos, color=color, lw=0.9, label=label)
         spans = compression_spans(records)
         for start, end in spans:
             for ax in axes:
@@ -104,12 +109,22 @@ def plot(runs, output):
     plt.close(fig)
 
 
-def alignment_summary(records, transient=0):
-    """Number of alignment points after `transient` steps, how many sign changes the global cosine makes there, and
-    the fraction of positive cosines: the paper's memorization-compression cycle is a cosine that keeps changing
-    sign during plain training."""
-    cos = [r["align_cos"] for r in records if r.get("kind") == "align" and r.get("align_cos") is not None
-           and r["iter"] >= transient]
+def moving_average(values, window):
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def alignment_summary(records, transient=0, smooth=1):
+    """Number of alignment points after `transient` steps, how many sign changes the global cosine (its moving
+    average over `smooth` points) makes there, and the fraction of positive values: the paper's
+    memorization-compression cycle is a cosine that keeps changing sign during plain training."""
+    cos = [r["align_cos"] for r in records if r.get("kind") == "align" and r.get("align_cos") is not None]
+    iters = [r["iter"] for r in records if r.get("kind") == "align" and r.get("align_cos") is not None]
+    cos = [v for v, it in zip(moving_average(cos, smooth), iters) if it >= transient]
     changes = sum(1 for a, b in zip(cos, cos[1:]) if (a > 0) != (b > 0))
     positive = sum(1 for v in cos if v > 0) / len(cos) if cos else float("nan")
     return len(cos), changes, positive
@@ -130,6 +145,8 @@ def main(argv=None):
     parser.add_argument("-o", "--output", default="gapt.png")
     parser.add_argument("--labels", nargs="*", help="legend labels (default: the directory names)")
     parser.add_argument("--csv", help="also write the merged series to this CSV file")
+    parser.add_argument("--smooth", type=int, default=1, help="also draw a moving average of this many alignment "
+                        "points, and count the sign changes of that average")
     parser.add_argument("--transient", type=int, default=0,
                         help="leave the first steps out of the printed alignment summary")
     args = parser.parse_args(argv)
@@ -137,13 +154,17 @@ def main(argv=None):
     if len(labels) != len(args.runs):
         parser.error("--labels needs one label per run")
     runs = [(label, read_run(r)) for label, r in zip(labels, args.runs)]
-    plot(runs, args.output)
+    if args.smooth < 1:
+        parser.error("--smooth must be at least 1")
+    plot(runs, args.output, args.smooth)
     print(f"wrote {args.output}")
     for label, records in runs:
-        points, changes, positive = alignment_summary(records, args.transient)
-        if points:
-            print(f"{label}: {points} gradient-alignment points from step {args.transient}: the cosine changes sign "
-                  f"{changes} times, positive {positive:.0%} of the time")
+        for window in sorted({1, args.smooth}):
+            points, changes, positive = alignment_summary(records, args.transient, window)
+            if points:
+                what = "the cosine" if window == 1 else f"its moving average over {window} points"
+                print(f"{label}: {points} gradient-alignment points from step {args.transient}: {what} changes sign "
+                      f"{changes} times, positive {positive:.0%} of the time")
     if args.csv:
         write_csv(runs, args.csv)
         print(f"wrote {args.csv}")

@@ -62,3 +62,10 @@ def test_alignment_summary():
     assert plot.alignment_summary(records) == (5, 2, 0.6)
     assert plot.alignment_summary(records, transient=2) == (3, 1, 2 / 3)
     assert plot.alignment_summary([])[:2] == (0, 0)
+
+
+def test_moving_average_and_smoothed_summary():
+    assert plot.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    records = [{"kind": "align", "iter": i, "align_cos": v} for i, v in enumerate([1.0, -1.0, 1.0, -1.0, 1.0])]
+    assert plot.alignment_summary(records)[1] == 4
+    assert plot.alignment_summary(records, smooth=2)[1] == 1  # 1, 0, 0, 0, 0: the noise averages out
