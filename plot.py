@@ -127,7 +127,8 @@ def alignment_summary(records, transient=0, smooth=1):
     cos = [v for v, it in zip(moving_average(cos, smooth), iters) if it >= transient]
     changes = sum(1 for a, b in zip(cos, cos[1:]) if (a > 0) != (b > 0))
     positive = sum(1 for v in cos if v > 0) / len(cos) if cos else float("nan")
-    return len(cos), changes, positive
+    mean_abs = sum(abs(v) for v in cos) / len(cos) if cos else float("nan")
+    return len(cos), changes, positive, mean_abs
 
 
 def write_csv(runs, path):
@@ -160,11 +161,11 @@ def main(argv=None):
     print(f"wrote {args.output}")
     for label, records in runs:
         for window in sorted({1, args.smooth}):
-            points, changes, positive = alignment_summary(records, args.transient, window)
+            points, changes, positive, mean_abs = alignment_summary(records, args.transient, window)
             if points:
                 what = "the cosine" if window == 1 else f"its moving average over {window} points"
                 print(f"{label}: {points} gradient-alignment points from step {args.transient}: {what} changes sign "
-                      f"{changes} times, positive {positive:.0%} of the time")
+                      f"{changes} times, positive {positive:.0%} of the time, mean |value| {mean_abs:.3f}")
     if args.csv:
         write_csv(runs, args.csv)
         print(f"wrote {args.csv}")
