@@ -91,6 +91,9 @@ def plot(runs, output, smooth=1):
             phase_x.append(train[-1]["iter"])
             phase_y.append(phase_y[-1])
             axes[3].plot(phase_x, phase_y, color=color, label=label)
+    if not any(r.get("kind") == "align" for _, records in runs for r in records):
+        axes[2].text(0.5, 0.5, "no gradient alignment in these logs (train with align_interval > 0)",
+                     transform=axes[2].transAxes, ha="center", va="center", color="gray")
     axes[0].set_ylabel("cross-entropy")
     axes[1].set_ylabel("MBE (nats)")
     axes[2].set_ylabel("cos(∇CE, ∇MBE)")
