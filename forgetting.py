@@ -142,7 +142,7 @@ def run(method, schedule, seed, magnitude, args):
 
 def mean_std(values, fmt=".3f"):
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():{fmt}} ± {v.std(ddof=1) if len(v) > 1 else 0.0:{fmt}}"
+    return f"{v.mean():{fmt}} ± {v.std(ddof=1) if len(v) > 1 else 0.0:{fmt.lstrip('+')}}"
 
 
 def main(argv=None):
