@@ -193,4 +193,4 @@ def test_experiment_table_reads_finished_runs_only(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| mult_baseline | 2 | 0.500 ± 0.000 | 5.000 ± 1.414 | 50.0 ± 0.0% |" in out
     assert "| mult_gapt | 2 | 0.500 ± 0.000 | 2.500 ± 0.707 |" in out and "| 30% | 4.0 |" in out
-    assert "mult_gapt: OOD answer-CE +50.0% better than mult_baseline" in out
+    assert "mult_gapt: OOD answer-CE 50.0% lower (better) than mult_baseline" in out
