@@ -272,3 +272,24 @@ def test_non_contiguous_layer_selection():
     assert hidden[select].flatten().tolist() == [0.0, 2.0]
     select, _ = layer_selection("auto", 4, "cpu")
     assert select == slice(1, 3)
+
+
+def test_muon_optimizer_trains_and_resumes_exactly(token_data, tmp_path):
+    common = [*TINY, f"--data_dir={token_data}", "--optimizer=muon", "--log_interval=1", "--eval_interval=3",
+              "--lr_decay_iters=6", "--learning_rate=1e-2"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train(*common, f"--out_dir={straight}", "--max_iters=6")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=3")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=6", "--init_from=resume")
+    a, b = read_log(straight, "train"), read_log(resumed, "train")
+    assert [r["loss"] for r in a[3:]] == [r["loss"] for r in b[3:]]
+    assert a[-1]["loss"] < a[0]["loss"]
+    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    assert len(ckpt["optimizers"]) == 2  # Muon for the blocks' matrices, AdamW for the rest
+
+
+def test_readme_documents_every_config_key():
+    from train import DEFAULTS
+    readme = open(os.path.join(REPO, "README.md")).read()
+    missing = [k for k in DEFAULTS if f"`{k}`" not in readme]
+    assert not missing, f"README.md does not document {missing}"
