@@ -20,14 +20,13 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
 
 from mbe import mbe, patched_mbe
 from model import GPT, GPTConfig
-from train import GAPT, ConfigError, compression_loss, layer_selection, load_config, read_meta
+from train import GAPT, ConfigError, compression_loss, layer_selection, load_config, read_meta, setup_compute
 
 BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1}
 
@@ -85,15 +84,8 @@ def main(argv):
     bench, c = parse_args(argv)
     if c.device == "auto":
         c.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = "cuda" if c.device.startswith("cuda") else "cpu"
-    if c.num_threads:
-        torch.set_num_threads(c.num_threads)
-    if c.dtype == "auto":
-        c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device_type = "cuda" if c.device.startswith("cuda") else c.device.split(":")[0]
+    ptdtype, autocast = setup_compute(c, device_type)
     vocab_size = c.vocab_size or read_meta(c.data_dir).get("vocab_size", 50304)
     torch.manual_seed(c.seed)
     model = GPT(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer, n_head=c.n_head,

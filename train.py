@@ -421,6 +421,21 @@ def gradient_alignment(model, x, y, c, layer_select):
         return gradient_cosines(ce, layer_mbe.mean(), list(model.transformer.h))
 
 
+def setup_compute(c, device_type):
+    """Threads, precision and autocast from the config: dtype "auto" becomes bfloat16 on CUDA where supported, else
+    float16 (with a GradScaler in the trainer), and float32 elsewhere. Returns (torch dtype, autocast context)."""
+    if c.num_threads:
+        torch.set_num_threads(c.num_threads)
+    if c.dtype == "auto":
+        c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return ptdtype, autocast
+
+
 def main(c):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -444,15 +459,7 @@ def main(c):
                           f"divisible by the number of processes ({world})")
     micro_steps = c.gradient_accumulation_steps // world
     tokens_per_step = c.gradient_accumulation_steps * c.batch_size * c.block_size
-    if c.num_threads:
-        torch.set_num_threads(c.num_threads)
-    if c.dtype == "auto":
-        c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    ptdtype, autocast = setup_compute(c, device_type)
     torch.manual_seed(c.seed + rank)  # dropout differs per rank; the data order does not (data_rng below)
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
