@@ -726,6 +726,11 @@ def main(c):
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        print("config keys and their defaults (README.md explains each):")
+        print("\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+        sys.exit(0)
     try:
         main(load_config(sys.argv[1:]))
     except (ConfigError, DataError, FloatingPointError) as e:

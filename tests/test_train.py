@@ -293,3 +293,9 @@ def test_readme_documents_every_config_key():
     readme = open(os.path.join(REPO, "README.md")).read()
     missing = [k for k in DEFAULTS if f"`{k}`" not in readme]
     assert not missing, f"README.md does not document {missing}"
+
+
+def test_help_lists_every_key():
+    from train import DEFAULTS
+    result = run_train("--help")
+    assert all(f"--{k}=" in result.stdout for k in DEFAULTS)
