@@ -131,7 +131,6 @@ def main(argv=None):
     index, capacity = done, (val_tokens if done == 0 else args.shard_size)
     buffer, filled = np.empty(capacity, dtype=np.uint16), 0
     doc_index = position["docs"]
-    shard_start_doc = doc_index
     pool = mp.Pool(args.num_proc, initializer=_init_worker) if args.num_proc > 1 else None
     tokens_iter = pool.imap(tokenize, texts, chunksize=16) if pool else map(tokenize, texts)
     try:
@@ -175,7 +174,7 @@ def main(argv=None):
     with open(tmp, "w") as f:
         json.dump(meta, f)
     os.replace(tmp, os.path.join(args.out_dir, "meta.json"))
-    print(f"wrote {index} shards, {total:,} tokens, to {args.out_dir} (started at document {shard_start_doc})")
+    print(f"{args.out_dir}: {index} shards, {total:,} tokens ({index - done} shard(s) written by this run)")
 
 
 if __name__ == "__main__":
