@@ -141,7 +141,8 @@ class GPT(nn.Module):
         hidden = []
         for block in self.transformer.h:
             x = block(x)
-            hidden.append(x)
+            if return_hidden:
+                hidden.append(x)
         hidden = torch.stack(hidden) if return_hidden else None  # (n_layer, B, T, C)
         x = self.transformer.ln_f(x)
         if targets is not None:
