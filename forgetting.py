@@ -117,7 +117,7 @@ def run(method, schedule, seed, magnitude, args):
             pred, h = student(x)
             loss = (pred - y).abs().mean()
             phase = {"baseline": 1, "always": 2, "gapt": gapt.phase}[method]
-            mbe = hidden_mbe(h, args.patch_size)
+            mbe = hidden_mbe(h, args.patch_size) if phase == 2 else None  # only the compression loss needs it
             total = loss + args.mbe_weight * mbe.mean() if phase == 2 else loss
             opt.zero_grad(set_to_none=True)
             total.backward()

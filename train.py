@@ -387,27 +387,21 @@ def layer_selection(mbe_layers, n_layer, device):
 def gradient_cosines(loss_a, loss_b, blocks):
     """Cosine between the gradients of two losses over the parameters of `blocks` (a list of modules): over all of
     them together, and per block (None where a gradient is zero). Uses autograd.grad: no .grad is touched."""
-    params = [p for block in blocks for p in block.parameters()]
+    per_block_params = [list(block.parameters()) for block in blocks]
+    params = [p for ps in per_block_params for p in ps]
     grads_a = torch.autograd.grad(loss_a, params, retain_graph=True, allow_unused=True)
     grads_b = torch.autograd.grad(loss_b, params, allow_unused=True)
-    dots, norms_a, norms_b, i = [], [], [], 0
-    for block in blocks:
-        n = len(list(block.parameters()))
-        ga = [g.float().flatten() if g is not None else torch.zeros(p.numel(), device=p.device)
-              for g, p in zip(grads_a[i:i + n], params[i:i + n])]
-        gb = [g.float().flatten() if g is not None else torch.zeros(p.numel(), device=p.device)
-              for g, p in zip(grads_b[i:i + n], params[i:i + n])]
-        ga, gb = torch.cat(ga), torch.cat(gb)
-        dots.append(ga @ gb)
-        norms_a.append(ga @ ga)
-        norms_b.append(gb @ gb)
-        i += n
-    dots, norms_a, norms_b = torch.stack(dots).double(), torch.stack(norms_a).double(), torch.stack(norms_b).double()
+    zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
 
-    def cosine(dot, na, nb):
-        return float(dot / (na.sqrt() * nb.sqrt())) if na > 0 and nb > 0 else None
-    per_block = [cosine(d, a, b) for d, a, b in zip(dots, norms_a, norms_b)]
-    return cosine(dots.sum(), norms_a.sum(), norms_b.sum()), per_block
+    def dot(g, h):  # a parameter a loss does not reach has a zero gradient (None from autograd)
+        return zero if g is None or h is None else (g.double() * h.double()).sum()
+    # per parameter: (a·b, a·a, b·b), summed per block
+    terms = torch.stack([torch.stack([dot(ga, gb), dot(ga, ga), dot(gb, gb)]) for ga, gb in zip(grads_a, grads_b)])
+    per_block = torch.stack([t.sum(0) for t in terms.split([len(ps) for ps in per_block_params])])
+
+    def cosine(ab, aa, bb):
+        return float(ab / (aa.sqrt() * bb.sqrt())) if aa > 0 and bb > 0 else None
+    return cosine(*per_block.sum(0)), [cosine(*row) for row in per_block]
 
 
 def gradient_alignment(model, x, y, c, layer_select):
@@ -561,7 +555,7 @@ def main(c):
             with autocast:
                 _, ce, hidden = eval_model(x, y)
             layer_mbe = patched_mbe(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
-            sums += torch.cat([torch.tensor([1.0, ce.item()], device=c.device), layer_mbe.float()]) * len(x)
+            sums += torch.cat([torch.ones(1, device=c.device), ce.float().view(1), layer_mbe.float()]) * len(x)
         if ddp:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         raw_model.train()
