@@ -14,9 +14,37 @@ eigendecomposition is needed: Σ λ² = ‖G‖_F² / tr(G)², so S_2 = 2·log t
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # a Gram matrix whose trace is below this is treated as all-zero: entropy 0, gradient 0
 _TINY_TRACE = 1e-30
+
+
+class _Renyi2(torch.autograd.Function):
+    """S_2 = 2·log tr(G) − log ‖G‖_F² of each matrix in Z (..., N, D), G its smaller Gram matrix, with the gradient
+    written out: dS/dZ = 4·Z / tr(G) − 4·G Z / ‖G‖_F² (G = Z Zᵀ; Z G for G = Zᵀ Z). One matmul forward and one
+    backward; autograd through the Gram product would take two backward. An all-zero Z gives 0 and gradient 0."""
+
+    @staticmethod
+    def forward(ctx, Z):
+        wide = Z.shape[-2] <= Z.shape[-1]
+        G = Z @ Z.mT if wide else Z.mT @ Z  # (..., m, m) with m = min(N, D)
+        trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+        frob2 = G.square().sum((-2, -1))
+        nonzero = trace > _TINY_TRACE
+        trace, frob2 = (torch.where(nonzero, x, torch.ones_like(x)) for x in (trace, frob2))
+        ctx.save_for_backward(Z, G, trace, frob2, nonzero)
+        ctx.wide = wide
+        return torch.where(nonzero, 2 * torch.log(trace) - torch.log(frob2), torch.zeros_like(trace))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_S):
+        Z, G, trace, frob2, nonzero = ctx.saved_tensors
+        GZ = G @ Z if ctx.wide else Z @ G
+        grad_S = torch.where(nonzero, grad_S, torch.zeros_like(grad_S))
+        a, b = (4 * grad_S / trace)[..., None, None], (4 * grad_S / frob2)[..., None, None]
+        return a * Z - b * GZ
 
 
 def mbe(Z, alpha=2.0):
@@ -30,15 +58,13 @@ def mbe(Z, alpha=2.0):
     with torch.autocast(device_type=Z.device.type, enabled=False):
         Z = Z.double() if Z.dtype == torch.float64 else Z.float()
         N, D = Z.shape[-2], Z.shape[-1]
-        G = Z @ Z.mT if N <= D else Z.mT @ Z  # (..., m, m) with m = min(N, D)
-        trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
-        nonzero = trace > _TINY_TRACE
-        safe_trace = torch.where(nonzero, trace, torch.ones_like(trace))
         if alpha == 2:
-            frob2 = G.square().sum((-2, -1))
-            safe_frob2 = torch.where(nonzero, frob2, torch.ones_like(frob2))
-            S = 2 * torch.log(safe_trace) - torch.log(safe_frob2)
+            S = _Renyi2.apply(Z)
         else:
+            G = Z @ Z.mT if N <= D else Z.mT @ Z  # (..., m, m) with m = min(N, D)
+            trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+            nonzero = trace > _TINY_TRACE
+            safe_trace = torch.where(nonzero, trace, torch.ones_like(trace))
             lam = torch.linalg.eigvalsh(G / safe_trace[..., None, None]).clamp_min(0)
             # eigenvalues under the rounding noise of the Gram matrix (numpy.linalg.matrix_rank's tolerance; λ_max <= 1)
             # count as 0: their λ^α would add noise for α < 1, and the gradients of λ^α, λ log λ blow up at 0
@@ -49,7 +75,7 @@ def mbe(Z, alpha=2.0):
             else:
                 power_sum = torch.where(positive, safe_lam ** alpha, torch.zeros_like(lam)).sum(-1)
                 S = torch.log(torch.where(nonzero, power_sum, torch.ones_like(power_sum))) / (1 - alpha)
-        S = torch.where(nonzero, S, torch.zeros_like(S))
+            S = torch.where(nonzero, S, torch.zeros_like(S))
         return S.clamp(0.0, math.log(min(N, D)))
 
 

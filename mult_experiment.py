@@ -7,8 +7,12 @@ Run multiplication configs over several seeds and print a Markdown table of the 
     python mult_experiment.py --table_only                     # re-read finished runs, print the table again
     python mult_experiment.py --configs config/mult_baseline.py config/mult_gapt_paper.py --set mbe_center=True
 
-Every run is `python train.py CONFIG --seed=S --out_dir=OUT_ROOT/NAME-sS`; the table is read back from each run's
-log.jsonl (the final evaluation). Model selection uses nothing here: all numbers are at the last step.
+    python mult_experiment.py --configs config/mult_gapt.py config/mult_gapt.py+mbe_center=True+mbe_floor=0.5
+
+A config may carry its own overrides after `+` (one row of an ablation each); `--set` applies to every run. Every run
+is `python train.py CONFIG --seed=S --out_dir=OUT_ROOT/NAME-sS`; the table is read back from each run's log.jsonl
+(the final evaluation). Model selection uses nothing here: all numbers are at the last step. Any config works: runs
+without the multiplication metrics (a text config) are tabulated by their validation CE.
 """
 
 import argparse
@@ -29,6 +33,12 @@ def run_name(config, overrides):
     return name + "".join(f"+{o.replace('=', '_')}" for o in overrides)
 
 
+def parse_spec(spec):
+    """'config/x.py+key=value+key2=value2' -> ('config/x.py', ['key=value', 'key2=value2'])"""
+    config, *overrides = spec.split("+")
+    return config, overrides
+
+
 def final_metrics(out_dir):
     """The last eval record and the last train record of a run, merged; None if the run has not finished (the
     script marks a finished run with a file named `done`)."""
@@ -47,8 +57,9 @@ def final_metrics(out_dir):
         compress_fraction, switches = gapt["compress_steps"] / last_train["iter"], gapt["switches"]
     else:  # "off" never compresses, "always" always does
         compress_fraction, switches = float(last_train["phase"] == 2), 0
-    return {"iter": last_eval["iter"], "id_ce": last_eval["id_answer_ce"], "ood_ce": last_eval["ood_answer_ce"],
-            "id_exact": last_eval["id_exact"], "ood_exact": last_eval["ood_exact"], "val_ce": last_eval["val_ce"],
+    return {"iter": last_eval["iter"], "id_ce": last_eval.get("id_answer_ce"),
+            "ood_ce": last_eval.get("ood_answer_ce"), "id_exact": last_eval.get("id_exact"),
+            "ood_exact": last_eval.get("ood_exact"), "val_ce": last_eval["val_ce"],
             "mbe": last_eval["val_mbe"], "mbe_layers": last_eval["val_mbe_layers"],
             "compress_fraction": compress_fraction, "switches": switches}
 
@@ -59,26 +70,35 @@ def mean_std(values, fmt):
 
 
 def table(results):
-    """results: {run name: [metrics per seed]} -> Markdown table, plus the OOD-CE change of each run vs the first."""
-    lines = ["| run | seeds | ID answer-CE | OOD answer-CE | ID exact | OOD exact | final MBE (regularised) | "
-             "compression steps | phase switches |", "|---|---|---|---|---|---|---|---|---|"]
+    """results: {run name: [metrics per seed]} -> Markdown table, plus the OOD-CE (multiplication) or validation-CE
+    (text) change of each run against the first."""
+    mult = all(r["ood_ce"] is not None for runs in results.values() for r in runs)
+    task_columns = ["ID answer-CE", "OOD answer-CE", "ID exact", "OOD exact"] if mult else ["val CE"]
+    columns = ["run", "seeds", *task_columns, "final MBE (regularised)", "compression steps", "phase switches",
+               "final MBE per layer"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, runs in results.items():
-        lines.append(f"| {name} | {len(runs)} | {mean_std([r['id_ce'] for r in runs], '.3f')} | "
-                     f"{mean_std([r['ood_ce'] for r in runs], '.3f')} | "
-                     f"{mean_std([100 * r['id_exact'] for r in runs], '.1f')}% | "
-                     f"{mean_std([100 * r['ood_exact'] for r in runs], '.1f')}% | "
-                     f"{mean_std([r['mbe'] for r in runs], '.3f')} | "
-                     f"{np.mean([100 * r['compress_fraction'] for r in runs]):.0f}% | "
-                     f"{np.mean([r['switches'] for r in runs]):.1f} |")
+        if mult:
+            task = [mean_std([r["id_ce"] for r in runs], ".3f"), mean_std([r["ood_ce"] for r in runs], ".3f"),
+                    mean_std([100 * r["id_exact"] for r in runs], ".1f") + "%",
+                    mean_std([100 * r["ood_exact"] for r in runs], ".1f") + "%"]
+        else:
+            task = [mean_std([r["val_ce"] for r in runs], ".3f")]
+        per_layer = np.mean([r["mbe_layers"] for r in runs], axis=0)
+        lines.append("| " + " | ".join([name, str(len(runs)), *task, mean_std([r["mbe"] for r in runs], ".3f"),
+                                         f"{np.mean([100 * r['compress_fraction'] for r in runs]):.0f}%",
+                                         f"{np.mean([r['switches'] for r in runs]):.1f}",
+                                         " ".join(f"{v:.2f}" for v in per_layer)]) + " |")
     names = list(results)
     if len(names) > 1:
-        base = np.mean([r["ood_ce"] for r in results[names[0]]])
+        key, what = ("ood_ce", "OOD answer-CE") if mult else ("val_ce", "validation CE")
+        base = np.mean([r[key] for r in results[names[0]]])
         lines.append("")
         for name in names[1:]:
-            ood = np.mean([r["ood_ce"] for r in results[name]])
-            change = (ood - base) / base
-            lines.append(f"- {name}: OOD answer-CE {abs(change):.1%} {'lower (better)' if change < 0 else 'higher (worse)'}"
-                         f" than {names[0]} (the paper reports a 35% OOD improvement for GAPT)")
+            change = (np.mean([r[key] for r in results[name]]) - base) / base
+            paper = " (the paper reports a 35% OOD improvement for GAPT)" if mult else ""
+            lines.append(f"- {name}: {what} {abs(change):.1%} {'lower (better)' if change < 0 else 'higher (worse)'}"
+                         f" than {names[0]}{paper}")
     return "\n".join(lines)
 
 
@@ -93,18 +113,20 @@ def main(argv=None):
     parser.add_argument("--table_only", action="store_true", help="do not train; tabulate the finished runs")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments")
     args = parser.parse_args(argv)
-    for config in args.configs:
+    specs = [parse_spec(spec) for spec in args.configs]
+    for config, _ in specs:
         if not os.path.isfile(config):
             parser.error(f"config {config!r} not found")
     threads = args.threads or max(1, 2 // args.jobs)
-    runs = [(config, seed, os.path.join(args.out_root, f"{run_name(config, args.set)}-s{seed}"))
-            for config in args.configs for seed in args.seeds]
+    runs = [(config, overrides + args.set, seed,
+             os.path.join(args.out_root, f"{run_name(config, overrides + args.set)}-s{seed}"))
+            for config, overrides in specs for seed in args.seeds]
 
     if not args.table_only:
         pending, active = list(runs), []
         while pending or active:
             while pending and len(active) < args.jobs:
-                config, seed, out_dir = pending.pop(0)
+                config, overrides, seed, out_dir = pending.pop(0)
                 if final_metrics(out_dir) is not None:
                     print(f"[skip] {out_dir} is finished")
                     continue
@@ -113,7 +135,7 @@ def main(argv=None):
                 if os.path.exists(log_path):
                     os.remove(log_path)  # an unfinished run starts again from scratch
                 cmd = [sys.executable, os.path.join(HERE, "train.py"), config, f"--seed={seed}",
-                       f"--out_dir={out_dir}", f"--num_threads={threads}", *[f"--{s}" for s in args.set],
+                       f"--out_dir={out_dir}", f"--num_threads={threads}", *[f"--{o}" for o in overrides],
                        *args.train_args]
                 print("[run]", " ".join(cmd), flush=True)
                 stdout = open(os.path.join(out_dir, "stdout.txt"), "w")
@@ -132,12 +154,12 @@ def main(argv=None):
                     print(f"[done] {out_dir} in {time.time() - start:.0f}s", flush=True)
 
     results = {}
-    for config, seed, out_dir in runs:
+    for config, overrides, seed, out_dir in runs:
         metrics = final_metrics(out_dir)
         if metrics is None:
             print(f"[missing] {out_dir} has no finished run", file=sys.stderr)
             continue
-        results.setdefault(run_name(config, args.set), []).append(metrics)
+        results.setdefault(run_name(config, overrides), []).append(metrics)
     print(table(results))
 
 

@@ -58,14 +58,14 @@ DEFAULTS = dict(
     # optimizer
     optimizer="adamw",  # "adamw", or "muon" (Muon on the blocks' 2-D weights, AdamW on the rest)
     learning_rate=3e-3,
-    max_iters=4000,
+    max_iters=8000,
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.99,
     grad_clip=1.0,  # 0 disables clipping
     decay_lr=True,
     warmup_iters=100,
-    lr_decay_iters=4000,
+    lr_decay_iters=0,  # 0: decay over all max_iters
     min_lr=3e-4,
     # GAPT
     gapt_mode="gapt",  # "off" (CE only), "gapt" (the state machine), "always" (CE + mbe_weight * MBE every step)
@@ -335,14 +335,15 @@ def save_checkpoint(path, checkpoint):
 
 
 def get_lr(it, c):
-    """Linear warm-up for warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warm-up for warmup_iters, then cosine decay to min_lr at lr_decay_iters (max_iters if 0), then min_lr."""
     if not c.decay_lr:
         return c.learning_rate
     if it < c.warmup_iters:
         return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
-    if it > c.lr_decay_iters:
+    decay_iters = c.lr_decay_iters or c.max_iters
+    if it > decay_iters:
         return c.min_lr
-    ratio = (it - c.warmup_iters) / max(1, c.lr_decay_iters - c.warmup_iters)
+    ratio = (it - c.warmup_iters) / max(1, decay_iters - c.warmup_iters)
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
 
 

@@ -84,6 +84,22 @@ def test_gradcheck_float64(alpha, shape):
     assert torch.autograd.gradcheck(lambda z: mbe(z, alpha), (Z,))
 
 
+@pytest.mark.parametrize("shape", [(8, 64), (64, 8)])
+def test_alpha2_hand_written_gradient_matches_autograd_of_the_formula(shape):
+    torch.manual_seed(5)
+    Z = (torch.randn(4, 3, *shape) + torch.randn(4, 1, 1, shape[1])).requires_grad_()
+    weights = torch.randn(4, 3)
+    (mbe(Z, 2.0) * weights).sum().backward()
+    Z_ref = Z.detach().clone().requires_grad_()
+    G = Z_ref.mT @ Z_ref  # the other Gram side on purpose: same S_2
+    S = 2 * torch.log(G.diagonal(dim1=-2, dim2=-1).sum(-1)) - torch.log(G.square().sum((-2, -1)))
+    (S * weights).sum().backward()
+    assert torch.allclose(Z.grad, Z_ref.grad, rtol=1e-4, atol=1e-6)
+    zero = torch.zeros(2, 8, 16, requires_grad=True)
+    mbe(zero, 2.0).sum().backward()
+    assert torch.equal(zero.grad, torch.zeros_like(zero))
+
+
 def test_patched_mbe_is_mean_over_patches_and_batch_per_layer():
     torch.manual_seed(5)
     h = torch.randn(3, 2, 16, 12)  # (n_layer, B, T, D)

@@ -194,3 +194,27 @@ def test_experiment_table_reads_finished_runs_only(tmp_path, capsys):
     assert "| mult_baseline | 2 | 0.500 ± 0.000 | 5.000 ± 1.414 | 50.0 ± 0.0% |" in out
     assert "| mult_gapt | 2 | 0.500 ± 0.000 | 2.500 ± 0.707 |" in out and "| 30% | 4.0 |" in out
     assert "mult_gapt: OOD answer-CE 50.0% lower (better) than mult_baseline" in out
+
+
+def test_experiment_rows_with_own_overrides_and_text_runs(tmp_path, capsys):
+    import json as _json
+
+    import mult_experiment as me
+
+    assert me.parse_spec("config/mult_gapt.py+mbe_center=True+mbe_floor=0.5") == \
+        ("config/mult_gapt.py", ["mbe_center=True", "mbe_floor=0.5"])
+    config = os.path.join(REPO, "config", "fineweb_cpu.py")
+    for name, val_ce in (("fineweb_cpu", 4.0), ("fineweb_cpu+mbe_center_True", 3.0)):
+        d = tmp_path / f"{name}-s0"
+        d.mkdir()
+        records = [{"kind": "eval", "iter": 10, "phase": 1, "val_ce": val_ce, "val_mbe": 0.5,
+                    "val_mbe_layers": [0.25, 0.75]},
+                   {"kind": "train", "iter": 10, "phase": 1, "gapt": {"compress_steps": 5, "switches": 2}}]
+        (d / "log.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in records))
+        (d / "done").write_text("")
+    me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0",
+             "--configs", config, config + "+mbe_center=True"])
+    out = capsys.readouterr().out
+    assert "| run | seeds | val CE | final MBE (regularised) |" in out
+    assert "| fineweb_cpu+mbe_center_True | 1 | 3.000 ± 0.000 | 0.500 ± 0.000 | 50% | 2.0 | 0.25 0.75 |" in out
+    assert "fineweb_cpu+mbe_center_True: validation CE 25.0% lower (better) than fineweb_cpu" in out

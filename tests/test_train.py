@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, read_log, run_train
-from train import ConfigError, DataError, TokenWindows, load_config, read_shard, write_shard
+from train import ConfigError, DataError, TokenWindows, get_lr, load_config, read_shard, write_shard
 
 # phases switch within a few steps so that short runs cover both
 FAST_GAPT = ["--gapt_patience_memorize=2", "--gapt_patience_compress=2", "--gapt_tau=10.0"]
@@ -116,6 +116,16 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(token_data, tmp_pat
 
 
 # configuration and data errors ------------------------------------------------------------------------------
+
+def test_lr_schedule_decays_over_max_iters_unless_told_otherwise():
+    c = load_config(["--max_iters=1000", "--warmup_iters=100", "--learning_rate=1.0", "--min_lr=0.1"])
+    assert get_lr(0, c) == pytest.approx(1.0 / 101) and get_lr(100, c) == pytest.approx(1.0)
+    assert get_lr(550, c) == pytest.approx(0.55)  # half way through the cosine
+    assert get_lr(1000, c) == pytest.approx(0.1) and get_lr(5000, c) == pytest.approx(0.1)
+    c = load_config(["--max_iters=1000", "--warmup_iters=100", "--learning_rate=1.0", "--min_lr=0.1",
+                     "--lr_decay_iters=300"])
+    assert get_lr(200, c) == pytest.approx(0.55) and get_lr(400, c) == pytest.approx(0.1)
+
 
 def test_config_overrides_and_types(tmp_path):
     c = load_config(["--learning_rate=1", "--device=cpu", "--compile=True", "--mbe_layers=[0, 2]"])
