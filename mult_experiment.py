@@ -5,8 +5,6 @@ Run multiplication configs over several seeds and print a Markdown table of the 
     python mult_experiment.py                                  # baseline, GAPT, always; seeds 0 1 2
     python mult_experiment.py --seeds 0 1 2 3 --jobs 2         # two runs at a time, one thread each
     python mult_experiment.py --table_only                     # re-read finished runs, print the table again
-    python mult_experiment.py --configs config/mult_baseline.py config/mult_gapt_paper.py --set mbe_center=True
-
     python mult_experiment.py --configs config/mult_gapt.py config/mult_gapt.py+mbe_center=True+mbe_floor=0.5
 
 A config may carry its own overrides after `+` (one row of an ablation each); `--set` applies to every run. Every run
