@@ -11,12 +11,18 @@ Variants, alternated step by step in one process so that machine drift affects t
   (c) compress_whole     the same with mbe_patch_size=0 (one matrix per sequence)
   (d) memorize           a GAPT memorization-phase step: CE, plus the per-step host sync of the CE that the state
                          machine needs (the trainer measures MBE without gradients only on log steps)
+  (n) nanogpt           only with --nanogpt_dir=PATH (a checkout of github.com/karpathy/nanoGPT): a step of
+                         ITS model.py and configure_optimizers at the same shapes, batch, dtype and compile, so the
+                         baseline's throughput can be compared with nanoGPT's on the same machine
 It also times the MBE of the stacked hidden states alone (forward + backward), the α=2 closed form against the
 eigenvalue path (α=1) at --alpha_shape, and this machine's peak matmul FLOP/s, for the MFU column.
-Bench flags: --steps, --warmup, --alpha_shape=B,N,D (empty to skip), --alpha_threads; the rest are train.py config.
+Bench flags: --steps, --warmup, --alpha_shape=B,N,D (empty to skip), --alpha_threads, --nanogpt_dir; the rest are
+train.py config.
 """
 
+import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,7 +34,8 @@ from mbe import mbe, patched_mbe
 from model import GPT, GPTConfig
 from train import GAPT, ConfigError, compression_loss, layer_selection, load_config, read_meta, setup_compute
 
-BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1}
+BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1, "nanogpt_dir": ""}
+STRING_FLAGS = ("alpha_shape", "nanogpt_dir")
 
 
 def parse_args(argv):
@@ -37,7 +44,7 @@ def parse_args(argv):
         key = arg[2:].partition("=")[0] if arg.startswith("--") else None
         if key in flags:
             value = arg.partition("=")[2]
-            flags[key] = value if key == "alpha_shape" else int(value)
+            flags[key] = value if key in STRING_FLAGS else int(value)
         else:
             rest.append(arg)
     return SimpleNamespace(**flags), load_config(rest)
@@ -80,6 +87,22 @@ def activation_bytes(fn):
     return sum(storages.values())
 
 
+def load_nanogpt(nanogpt_dir, c, vocab_size, device_type):
+    """nanoGPT's own GPT and AdamW from nanogpt_dir/model.py at our config's shapes (imported apart from ours)."""
+    path = os.path.join(nanogpt_dir, "model.py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--nanogpt_dir={nanogpt_dir!r} has no model.py; point it at a checkout of "
+                          f"https://github.com/karpathy/nanoGPT")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.GPT(module.GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer,
+                                        n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias))
+    model = model.to(c.device)
+    optimizer = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
+    return model, optimizer
+
+
 def main(argv):
     bench, c = parse_args(argv)
     if c.device == "auto":
@@ -98,8 +121,16 @@ def main(argv):
     x = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
     y = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
     tokens = c.batch_size * c.block_size
+    variants = ["baseline", "compress", "compress_whole", "memorize"]
+    if bench.nanogpt_dir:
+        nano_model, nano_optimizer = load_nanogpt(bench.nanogpt_dir, c, vocab_size, device_type)
+        nano_forward = torch.compile(nano_model) if c.compile else nano_model
+        variants.append("nanogpt")
 
     def forward_loss(variant):
+        if variant == "nanogpt":
+            with autocast:
+                return nano_forward(x, y)[1], None
         with autocast:
             _, ce, hidden = forward(x, y, return_hidden=variant.startswith("compress"))
         if variant == "compress":
@@ -109,14 +140,14 @@ def main(argv):
         return ce, ce
 
     def train_step(variant):
+        opt = nano_optimizer if variant == "nanogpt" else optimizer
         loss, ce = forward_loss(variant)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         if variant == "memorize":
             gapt.step(torch.stack([ce.detach()]).tolist()[0])  # the host sync the state machine needs
 
-    variants = ["baseline", "compress", "compress_whole", "memorize"]
     times = {v: [] for v in variants}
     memory = {}
     for v in variants:  # warm-up (and compilation) first, then memory, one variant at a time
@@ -129,7 +160,7 @@ def main(argv):
             memory[v] = torch.cuda.max_memory_allocated()
         else:
             memory[v] = activation_bytes(lambda: forward_loss(v)[0].backward())
-            optimizer.zero_grad(set_to_none=True)
+            (nano_optimizer if v == "nanogpt" else optimizer).zero_grad(set_to_none=True)
     for _ in range(bench.steps):  # the timed rounds: every variant once per round
         for v in variants:
             times[v].append(timed(lambda: train_step(v), device_type))
@@ -159,7 +190,7 @@ def main(argv):
     print(f"| variant | ms/step (median) | spread (min–max) | tokens/s | ratio to (a) | {result['memory_kind']} MB | "
           f"memory ratio | MFU |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, v in zip("abcd", variants):
+    for label, v in zip("abcdn", variants):
         med = statistics.median(times[v])
         mfu = flops_per_token * tokens / med / peak
         row = {"ms_median": med * 1000, "ms_min": min(times[v]) * 1000, "ms_max": max(times[v]) * 1000,
@@ -169,6 +200,9 @@ def main(argv):
         print(f"| ({label}) {v} | {row['ms_median']:.1f} | {row['ms_min']:.1f}–{row['ms_max']:.1f} | "
               f"{row['tokens_per_s']:,.0f} | {row['ratio']:.3f} | {row['memory_mb']:.1f} | "
               f"{row['memory_ratio']:.3f} | {100 * mfu:.1f}% |")
+    if "nanogpt" in times:
+        print(f"\nnanoGPT ({bench.nanogpt_dir}) against our baseline: {result['variants']['nanogpt']['ratio']:.3f}x "
+              f"its time per step (above 1: ours is faster)")
     print(f"\nMBE alone (forward + backward, {hidden.shape[0]} layers, patch {c.mbe_patch_size}): {mbe_ms:.2f} ms "
           f"= {mbe_ms / (base * 1000):.1%} of a baseline step")
 

@@ -31,3 +31,49 @@ def test_bench_rejects_unknown_keys():
                             capture_output=True, text=True)
     assert result.returncode == 1 and "unknown config key 'stpes'" in result.stderr and "--steps" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+FAKE_NANOGPT = '''
+from dataclasses import dataclass
+import torch
+from torch.nn import functional as F
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(torch.nn.Module):  # nanoGPT's interface, not its model: enough to check bench.py's plumbing
+    def __init__(self, config):
+        super().__init__()
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size)
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.wte(idx))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+'''
+
+
+def test_bench_times_a_nanogpt_checkout_side_by_side(token_data, tmp_path):
+    (tmp_path / "model.py").write_text(FAKE_NANOGPT)
+    cmd = [sys.executable, os.path.join(REPO, "bench.py"), "--n_layer=2", "--n_head=2", "--n_embd=32",
+           "--block_size=16", "--batch_size=2", "--num_threads=1", f"--data_dir={token_data}", "--steps=2",
+           "--warmup=1", "--alpha_shape=", f"--nanogpt_dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "| (n) nanogpt |" in result.stdout and "nanoGPT (" in result.stdout
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["variants"]["nanogpt"]["ms_median"] > 0 and "alpha2_ms" not in report
+    missing = subprocess.run(cmd[:-1] + [f"--nanogpt_dir={tmp_path / 'nowhere'}"], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode == 1 and "has no model.py" in missing.stderr and "Traceback" not in missing.stderr

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 import sys
 
 import pytest
@@ -143,6 +144,21 @@ def test_config_overrides_and_types(tmp_path):
         load_config(["--gapt_mode=sometimes"])
     with pytest.raises(ConfigError, match="not divisible by mbe_patch_size"):
         load_config(["--block_size=30", "--mbe_patch_size=8"])
+
+
+def test_every_shipped_config_loads_and_the_mult_configs_differ_only_in_gapt():
+    configs = sorted(pathlib.Path(REPO, "config").glob("*.py"))
+    assert len(configs) >= 7
+    loaded = {p.stem: vars(load_config([str(p)])) for p in configs}
+    gapt_keys = {k for k in loaded["mult_gapt"] if k.startswith(("gapt_", "mbe_"))} | {"out_dir"}
+    for name in ("mult_baseline", "mult_always", "mult_gapt_paper"):
+        differing = {k for k in loaded[name] if loaded[name][k] != loaded["mult_gapt"][k]}
+        assert differing <= gapt_keys, (name, differing - gapt_keys)
+    # the paper-faithful config is the foundation's GAPT: every GAPT and MBE setting at train.py's default
+    paper = loaded["mult_gapt_paper"]
+    from train import DEFAULTS
+    assert paper["gapt_mode"] == "gapt"
+    assert all(paper[k] == DEFAULTS[k] for k in gapt_keys - {"out_dir", "gapt_mode"})
 
 
 def test_mistyped_key_in_file_and_command_line(tmp_path):
