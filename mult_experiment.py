@@ -116,8 +116,7 @@ def main(argv=None):
         if not os.path.isfile(config):
             parser.error(f"config {config!r} not found")
     threads = args.threads or max(1, 2 // args.jobs)
-    runs = [(config, overrides + args.set, seed,
-             os.path.join(args.out_root, f"{run_name(config, overrides + args.set)}-s{seed}"))
+    runs = [(config, overrides, seed, os.path.join(args.out_root, f"{run_name(config, overrides + args.set)}-s{seed}"))
             for config, overrides in specs for seed in args.seeds]
 
     if not args.table_only:
@@ -133,7 +132,7 @@ def main(argv=None):
                 if os.path.exists(log_path):
                     os.remove(log_path)  # an unfinished run starts again from scratch
                 cmd = [sys.executable, os.path.join(HERE, "train.py"), config, f"--seed={seed}",
-                       f"--out_dir={out_dir}", f"--num_threads={threads}", *[f"--{o}" for o in overrides],
+                       f"--out_dir={out_dir}", f"--num_threads={threads}", *[f"--{o}" for o in overrides + args.set],
                        *args.train_args]
                 print("[run]", " ".join(cmd), flush=True)
                 stdout = open(os.path.join(out_dir, "stdout.txt"), "w")
@@ -157,7 +156,9 @@ def main(argv=None):
         if metrics is None:
             print(f"[missing] {out_dir} has no finished run", file=sys.stderr)
             continue
-        results.setdefault(run_name(config, overrides), []).append(metrics)
+        results.setdefault(run_name(config, overrides), []).append(metrics)  # rows named by their own overrides
+    if args.set:
+        print(f"every run: {' '.join('--' + o for o in args.set)}\n")
     print(table(results))
 
 

@@ -218,3 +218,10 @@ def test_experiment_rows_with_own_overrides_and_text_runs(tmp_path, capsys):
     assert "| run | seeds | val CE | final MBE (regularised) |" in out
     assert "| fineweb_cpu+mbe_center_True | 1 | 3.000 ± 0.000 | 0.500 ± 0.000 | 50% | 2.0 | 0.25 0.75 |" in out
     assert "fineweb_cpu+mbe_center_True: validation CE 25.0% lower (better) than fineweb_cpu" in out
+    # --set overrides go into every run's directory name, not into the row names; the table says what they were
+    for name in ("fineweb_cpu", "fineweb_cpu+mbe_center_True"):
+        (tmp_path / f"{name}-s0").rename(tmp_path / f"{name}+max_iters_50-s0")
+    me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "--set", "max_iters=50",
+             "--configs", config, config + "+mbe_center=True"])
+    out = capsys.readouterr().out
+    assert "every run: --max_iters=50" in out and "| fineweb_cpu+mbe_center_True | 1 | 3.000 ± 0.000 |" in out
