@@ -11,7 +11,7 @@ Variants, alternated step by step in one process so that machine drift affects t
   (c) compress_whole     the same with mbe_patch_size=0 (one matrix per sequence)
   (d) memorize           a GAPT memorization-phase step: CE, plus the per-step host sync of the CE that the state
                          machine needs (the trainer measures MBE without gradients only on log steps)
-  (n) nanogpt           only with --nanogpt_dir=PATH (a checkout of github.com/karpathy/nanoGPT): a step of
+  (n) nanogpt            only with --nanogpt_dir=PATH (a checkout of github.com/karpathy/nanoGPT): a step of
                          ITS model.py and configure_optimizers at the same shapes, batch, dtype and compile, so the
                          baseline's throughput can be compared with nanoGPT's on the same machine
 It also times the MBE of the stacked hidden states alone (forward + backward), the α=2 closed form against the
