@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, read_log, run_train
-from train import ConfigError, DataError, TokenWindows, get_lr, load_config, read_shard, write_shard
+from train import DEFAULTS, ConfigError, DataError, TokenWindows, get_lr, load_config, read_shard, write_shard
 
 # phases switch within a few steps so that short runs cover both
 FAST_GAPT = ["--gapt_patience_memorize=2", "--gapt_patience_compress=2", "--gapt_tau=10.0"]
@@ -156,7 +156,6 @@ def test_every_shipped_config_loads_and_the_mult_configs_differ_only_in_gapt():
         assert differing <= gapt_keys, (name, differing - gapt_keys)
     # the paper-faithful config is the foundation's GAPT: every GAPT and MBE setting at train.py's default
     paper = loaded["mult_gapt_paper"]
-    from train import DEFAULTS
     assert paper["gapt_mode"] == "gapt"
     assert all(paper[k] == DEFAULTS[k] for k in gapt_keys - {"out_dir", "gapt_mode"})
 
@@ -315,13 +314,11 @@ def test_muon_optimizer_trains_and_resumes_exactly(token_data, tmp_path):
 
 
 def test_readme_documents_every_config_key():
-    from train import DEFAULTS
     readme = open(os.path.join(REPO, "README.md")).read()
     missing = [k for k in DEFAULTS if f"`{k}`" not in readme]
     assert not missing, f"README.md does not document {missing}"
 
 
 def test_help_lists_every_key():
-    from train import DEFAULTS
     result = run_train("--help")
     assert all(f"--{k}=" in result.stdout for k in DEFAULTS)
