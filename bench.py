@@ -7,6 +7,7 @@ What does GAPT cost per step? Times full training steps of the model a config de
 
 Variants, alternated step by step in one process so that machine drift affects them equally:
   (a) baseline           CE only
+Every variant steps the config's optimizer (AdamW, or Muon + AdamW with optimizer="muon").
   (b) compress           CE + λ·MBE over the regularised layers, patches of mbe_patch_size tokens
   (c) compress_whole     the same with mbe_patch_size=0 (one matrix per sequence)
   (d) memorize           a GAPT memorization-phase step: CE, plus the per-step host sync of the CE that the state
@@ -32,7 +33,8 @@ import torch
 
 from mbe import mbe, patched_mbe
 from model import GPT, GPTConfig
-from train import GAPT, ConfigError, compression_loss, layer_selection, load_config, read_meta, setup_compute
+from train import (GAPT, ConfigError, build_optimizers, compression_loss, layer_selection, load_config, read_meta,
+                   setup_compute)
 
 BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1, "nanogpt_dir": ""}
 STRING_FLAGS = ("alpha_shape", "nanogpt_dir")
@@ -113,7 +115,7 @@ def main(argv):
     torch.manual_seed(c.seed)
     model = GPT(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                           n_embd=c.n_embd, dropout=c.dropout, bias=c.bias)).to(c.device)
-    optimizer = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
+    optimizers = build_optimizers(model, c, device_type)  # the config's optimizer: AdamW, or Muon + AdamW
     forward = torch.compile(model) if c.compile else model
     layer_select, _ = layer_selection(c.mbe_layers, c.n_layer, c.device)
     whole = SimpleNamespace(**{**vars(c), "mbe_patch_size": 0})
@@ -140,11 +142,12 @@ def main(argv):
         return ce, ce
 
     def train_step(variant):
-        opt = nano_optimizer if variant == "nanogpt" else optimizer
+        opts = [nano_optimizer] if variant == "nanogpt" else optimizers
         loss, ce = forward_loss(variant)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if variant == "memorize":
             gapt.step(torch.stack([ce.detach()]).tolist()[0])  # the host sync the state machine needs
 
@@ -160,7 +163,8 @@ def main(argv):
             memory[v] = torch.cuda.max_memory_allocated()
         else:
             memory[v] = activation_bytes(lambda: forward_loss(v)[0].backward())
-            (nano_optimizer if v == "nanogpt" else optimizer).zero_grad(set_to_none=True)
+            for opt in [nano_optimizer] if v == "nanogpt" else optimizers:
+                opt.zero_grad(set_to_none=True)
     for _ in range(bench.steps):  # the timed rounds: every variant once per round
         for v in variants:
             times[v].append(timed(lambda: train_step(v), device_type))
@@ -178,13 +182,13 @@ def main(argv):
     flops_per_token = model.flops_per_token()
     base = statistics.median(times["baseline"])
     result = {"device": c.device, "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "dtype": c.dtype, "compile": c.compile,
+              "threads": torch.get_num_threads(), "dtype": c.dtype, "compile": c.compile, "optimizer": c.optimizer,
               "shape": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
                         "batch_size": c.batch_size, "vocab_size": vocab_size, "params": model.get_num_params()},
               "mbe_patch_size": c.mbe_patch_size, "mbe_layers": str(c.mbe_layers), "steps": bench.steps,
               "peak_flops": peak, "memory_kind": "peak allocated" if device_type == "cuda" else "saved activations",
               "mbe_only_ms": mbe_ms, "variants": {}}
-    print(f"{result['device_name']}, {result['threads']} threads, {c.dtype}, compile={c.compile}; model "
+    print(f"{result['device_name']}, {result['threads']} threads, {c.dtype}, compile={c.compile}, {c.optimizer}; model "
           f"{c.n_layer}x{c.n_embd}, block {c.block_size}, batch {c.batch_size} ({model.get_num_params() / 1e6:.1f}M "
           f"params); {bench.steps} timed rounds; measured peak matmul {peak / 1e12:.3f} TFLOP/s\n")
     print(f"| variant | ms/step (median) | spread (min–max) | tokens/s | ratio to (a) | {result['memory_kind']} MB | "

@@ -59,7 +59,8 @@ def final_metrics(out_dir):
             "ood_ce": last_eval.get("ood_answer_ce"), "id_exact": last_eval.get("id_exact"),
             "ood_exact": last_eval.get("ood_exact"), "val_ce": last_eval["val_ce"],
             "mbe": last_eval["val_mbe"], "mbe_layers": last_eval["val_mbe_layers"],
-            "compress_fraction": compress_fraction, "switches": switches}
+            "compress_fraction": compress_fraction, "switches": switches,
+            "id_exact_by_digits": last_eval.get("id_exact_by_digits")}
 
 
 def mean_std(values, fmt):
@@ -88,6 +89,14 @@ def table(results):
                                          f"{np.mean([r['switches'] for r in runs]):.1f}",
                                          " ".join(f"{v:.2f}" for v in per_layer)]) + " |")
     names = list(results)
+    by_digits = [r["id_exact_by_digits"] for runs in results.values() for r in runs]
+    if mult and by_digits and all(by_digits):  # ID exact match per operand lengths ("2x3": a has 2 digits, b 3)
+        strata = sorted({k for d in by_digits for k in d})
+        lines += ["", "ID exact match by operand lengths (mean over seeds):", "",
+                  "| run | " + " | ".join(strata) + " |", "|" + "---|" * (len(strata) + 1)]
+        for name, runs in results.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * np.mean([r['id_exact_by_digits'].get(k, np.nan) for r in runs]):.0f}%" for k in strata) + " |")
     if len(names) > 1:
         key, what = ("ood_ce", "OOD answer-CE") if mult else ("val_ce", "validation CE")
         base = np.mean([r[key] for r in results[names[0]]])

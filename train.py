@@ -56,9 +56,9 @@ DEFAULTS = dict(
     dropout=0.0,
     bias=True,
     # optimizer
-    optimizer="adamw",  # "adamw", or "muon" (Muon on the blocks' 2-D weights, AdamW on the rest)
+    optimizer="muon",  # "muon" (Muon on the blocks' 2-D weights, AdamW on the rest), or "adamw"
     learning_rate=3e-3,
-    max_iters=8000,
+    max_iters=5000,
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.99,
@@ -351,6 +351,9 @@ def build_optimizers(model, c, device_type):
     """AdamW on everything, or Muon on the blocks' 2-D weights plus AdamW on embeddings, head, norms and biases."""
     if c.optimizer == "adamw":
         return [model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)]
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is {torch.__version__}): "
+                          f"upgrade torch (pip install -r requirements.txt) or pass --optimizer=adamw")
     muon_params = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
     muon_ids = {id(p) for p in muon_params}
     rest = [p for p in model.parameters() if id(p) not in muon_ids]

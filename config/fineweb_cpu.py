@@ -20,6 +20,7 @@ warmup_iters = 30
 learning_rate = 2e-3
 min_lr = 2e-4
 beta2 = 0.99
+optimizer = "adamw"
 eval_interval = 100
 eval_iters = 10
 log_interval = 20

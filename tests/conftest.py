@@ -15,7 +15,8 @@ torch.set_num_threads(1)  # LAPACK kernels (eigvalsh) can be 100x slower with 2 
 
 # a tiny GPT that trains in well under a second per step on one CPU thread
 TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--device=cpu",
-        "--num_threads=1", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
+        "--num_threads=1", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4",
+        "--optimizer=adamw"]
 
 
 def run_train(*args, check=True, env=None, timeout=600, launcher=None):

@@ -9,7 +9,7 @@ from conftest import REPO
 def test_bench_runs_end_to_end_and_emits_json(token_data):
     cmd = [sys.executable, os.path.join(REPO, "bench.py"), "--n_layer=3", "--n_head=2", "--n_embd=32",
            "--block_size=32", "--batch_size=2", "--num_threads=1", f"--data_dir={token_data}", "--steps=2",
-           "--warmup=1", "--alpha_shape=2,64,16"]
+           "--warmup=1", "--alpha_shape=2,64,16", "--optimizer=adamw"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
@@ -24,6 +24,28 @@ def test_bench_runs_end_to_end_and_emits_json(token_data):
     assert report["variants"]["compress"]["memory_mb"] > report["variants"]["baseline"]["memory_mb"]
     assert report["shape"]["vocab_size"] == 64 and report["threads"] == 1 and report["peak_flops"] > 0
     assert report["alpha_shape"] == [2, 64, 16] and report["alpha2_ms"] > 0 and report["eig_ms"] > 0
+    assert report["optimizer"] == "adamw"
+
+
+def test_bench_steps_the_configs_optimizer(token_data):
+    """With optimizer="muon" every timed step runs Muon on the blocks' matrices and AdamW on the rest."""
+    import bench
+    from train import build_optimizers
+    calls = []
+    original = build_optimizers
+
+    def recording(model, c, device_type):
+        optimizers = original(model, c, device_type)
+        calls.append([type(o).__name__ for o in optimizers])
+        return optimizers
+    bench.build_optimizers = recording
+    try:
+        bench.main(["--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2",
+                    "--num_threads=1", f"--data_dir={token_data}", "--steps=1", "--warmup=1", "--alpha_shape=",
+                    "--optimizer=muon"])
+    finally:
+        bench.build_optimizers = original
+    assert calls == [["Muon", "AdamW"]]
 
 
 def test_bench_rejects_unknown_keys():

@@ -178,7 +178,8 @@ def test_experiment_table_reads_finished_runs_only(tmp_path, capsys):
         d.mkdir()
         gapt = {"compress_steps": 30, "switches": 4} if mode == "gapt" else None
         records = [{"kind": "eval", "iter": 100, "phase": 1, "id_answer_ce": 0.5, "ood_answer_ce": ood_ce,
-                    "id_exact": 0.5, "ood_exact": 0.0, "val_ce": 1.0, "val_mbe": 0.3, "val_mbe_layers": [0.3]},
+                    "id_exact": 0.5, "ood_exact": 0.0, "val_ce": 1.0, "val_mbe": 0.3, "val_mbe_layers": [0.3],
+                    "id_exact_by_digits": {"1x1": 1.0, "3x3": 0.1 * seed}},
                    {"kind": "train", "iter": 100, "phase": 2 if mode == "always" else 1, "gapt": gapt}]
         (d / "log.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in records))
         if finished:
@@ -194,6 +195,7 @@ def test_experiment_table_reads_finished_runs_only(tmp_path, capsys):
     assert "| mult_baseline | 2 | 0.500 ± 0.000 | 5.000 ± 1.414 | 50.0 ± 0.0% |" in out
     assert "| mult_gapt | 2 | 0.500 ± 0.000 | 2.500 ± 0.707 |" in out and "| 30% | 4.0 |" in out
     assert "mult_gapt: OOD answer-CE 50.0% lower (better) than mult_baseline" in out
+    assert "| run | 1x1 | 3x3 |" in out and "| mult_baseline | 100% | 5% |" in out  # per stratum, mean of seeds
 
 
 def test_experiment_rows_with_own_overrides_and_text_runs(tmp_path, capsys):

@@ -313,6 +313,20 @@ def test_muon_optimizer_trains_and_resumes_exactly(token_data, tmp_path):
     assert len(ckpt["optimizers"]) == 2  # Muon for the blocks' matrices, AdamW for the rest
 
 
+def test_muon_without_torch_support_is_a_clear_error(monkeypatch):
+    """optimizer='muon' (the default) on a PyTorch without torch.optim.Muon says what to do instead of crashing."""
+    from model import GPT, GPTConfig
+    from train import build_optimizers
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8))
+    config = load_config([])
+    assert config.optimizer == "muon"
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError, match="PyTorch 2.9 or newer.*--optimizer=adamw"):
+        build_optimizers(model, config, "cpu")
+    config.optimizer = "adamw"
+    assert [type(o).__name__ for o in build_optimizers(model, config, "cpu")] == ["AdamW"]
+
+
 def test_readme_documents_every_config_key():
     readme = open(os.path.join(REPO, "README.md")).read()
     missing = [k for k in DEFAULTS if f"`{k}`" not in readme]
