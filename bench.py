@@ -7,7 +7,6 @@ What does GAPT cost per step? Times full training steps of the model a config de
 
 Variants, alternated step by step in one process so that machine drift affects them equally:
   (a) baseline           CE only
-Every variant steps the config's optimizer (AdamW, or Muon + AdamW with optimizer="muon").
   (b) compress           CE + λ·MBE over the regularised layers, patches of mbe_patch_size tokens
   (c) compress_whole     the same with mbe_patch_size=0 (one matrix per sequence)
   (d) memorize           a GAPT memorization-phase step: CE, plus the per-step host sync of the CE that the state
@@ -15,6 +14,7 @@ Every variant steps the config's optimizer (AdamW, or Muon + AdamW with optimize
   (n) nanogpt            only with --nanogpt_dir=PATH (a checkout of github.com/karpathy/nanoGPT): a step of
                          ITS model.py and configure_optimizers at the same shapes, batch, dtype and compile, so the
                          baseline's throughput can be compared with nanoGPT's on the same machine
+Every variant steps the config's optimizer (AdamW, or Muon + AdamW with optimizer="muon").
 It also times the MBE of the stacked hidden states alone (forward + backward), the α=2 closed form against the
 eigenvalue path (α=1) at --alpha_shape, and this machine's peak matmul FLOP/s, for the MFU column.
 Bench flags: --steps, --warmup, --alpha_shape=B,N,D (empty to skip), --alpha_threads, --nanogpt_dir; the rest are
