@@ -352,8 +352,9 @@ def build_optimizers(model, c, device_type):
     if c.optimizer == "adamw":
         return [model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)]
     if not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is {torch.__version__}): "
-                          f"upgrade torch (pip install -r requirements.txt) or pass --optimizer=adamw")
+        raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
+                          f"{torch.__version__}): upgrade torch (pip install -r requirements.txt) or pass "
+                          f"--optimizer=adamw")
     muon_params = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
     muon_ids = {id(p) for p in muon_params}
     rest = [p for p in model.parameters() if id(p) not in muon_ids]
