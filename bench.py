@@ -33,8 +33,8 @@ import torch
 
 from mbe import mbe, patched_mbe
 from model import GPT, GPTConfig
-from train import (GAPT, ConfigError, build_optimizers, compression_loss, layer_selection, load_config, read_meta,
-                   setup_compute)
+from shards import read_meta
+from train import GAPT, ConfigError, build_optimizers, compression_loss, layer_selection, load_config, setup_compute
 
 BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1, "nanogpt_dir": ""}
 STRING_FLAGS = ("alpha_shape", "nanogpt_dir")

@@ -5,7 +5,7 @@ The multiplication task of the paper's OOD experiment: train on 1-3-digit operan
     python prepare_mult.py --reverse_answer      # answers least-significant digit first
 
 Character-level: the ten digits, '*', '=' and an end-of-example token ('\\n'). Examples "a*b=c\\n" are concatenated
-into token shards in train.py's format. meta.json holds the vocabulary, the settings and the fixed evaluation problems.
+into token shards (shards.py's format). meta.json holds the vocabulary, the settings and the fixed evaluation problems.
 This file owns the format: it also provides encode/decode and the task evaluation that train.py runs at every eval
 (answer-token cross-entropy and exact match, on in-distribution and out-of-distribution problems).
 """
@@ -18,6 +18,8 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from shards import write_shard
 
 VOCAB = "0123456789*=\n"
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
@@ -243,7 +245,6 @@ def main(argv=None):
                                         ood_digits, args.seed, args.reverse_answer, args.holdout_fraction)
     except ValueError as e:
         parser.error(str(e))
-    from train import write_shard  # the shard format lives in train.py
     os.makedirs(args.out_dir, exist_ok=True)
     write_shard(os.path.join(args.out_dir, "train_000000.bin"), train)
     write_shard(os.path.join(args.out_dir, "val_000000.bin"), val)

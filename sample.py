@@ -15,7 +15,7 @@ import os
 import torch
 
 from model import GPT, GPTConfig
-from train import read_meta
+from shards import read_meta
 
 
 def main(argv=None):

@@ -38,7 +38,7 @@ def read_log(out_dir, kind=None):
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory):
     """A data directory of two train shards and one val shard of structured random tokens (vocab 64)."""
-    from train import write_shard
+    from shards import write_shard
     d = tmp_path_factory.mktemp("tokens")
     rng = np.random.default_rng(0)
     for name, n in (("train_000000.bin", 6000), ("train_000001.bin", 4000), ("val_000000.bin", 3000)):

@@ -11,12 +11,17 @@ import numpy as np
 import pytest
 
 from conftest import REPO, read_log, run_train
-from train import read_shard
+from shards import read_shard
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(REPO), "shared", "tiktoken_cache"))
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 import prepare_fineweb as pf  # noqa: E402
+
+_, BPE_ERROR = pf.load_encoder()
+if BPE_ERROR and os.environ.get("REQUIRE_BPE") == "1":  # CI has the BPE: a skip there is a failure
+    raise RuntimeError(f"REQUIRE_BPE=1 but {BPE_ERROR}")
+needs_bpe = pytest.mark.skipif(BPE_ERROR is not None, reason=f"GPT-2's BPE is not available offline: {BPE_ERROR}")
 
 WORDS = ("the model learns to compress its representations while it memorizes the data and then generalizes "
          "better on problems it has never seen, which is what the paper claims for gated phase transitions").split()
@@ -63,6 +68,8 @@ def digests(out_dir):
 
 @pytest.fixture(scope="module")
 def fineweb(tmp_path_factory):
+    if BPE_ERROR:
+        pytest.skip(f"GPT-2's BPE is not available offline: {BPE_ERROR}")
     root = tmp_path_factory.mktemp("fineweb")
     docs = make_documents(120, seed=0)
     files = write_fineweb_parquet(str(root / "parquet"), docs)
@@ -76,7 +83,10 @@ def test_shards_hold_every_document_after_an_eot(fineweb):
     import tiktoken
     docs, _, out = fineweb
     shards = shard_tokens(out)
-    assert len(shards[0]) == 1500 and all(len(s) == 3000 for s in shards[1:-1]) and 0 < len(shards[-1]) <= 3000
+    assert all(len(s) == 3000 for s in shards[1:-1]) and 0 < len(shards[-1]) <= 3000
+    # the val shard holds whole documents: at least --val_tokens, ending where the first train shard starts a document
+    last_doc = len(shards[0]) - np.flatnonzero(shards[0] == 50256)[-1]
+    assert 1500 <= len(shards[0]) < 1500 + last_doc and shards[1][0] == 50256
     assert os.path.exists(os.path.join(out, "val_000000.bin")) and os.path.exists(os.path.join(out, "train_000001.bin"))
     tokens = np.concatenate(shards)
     meta = json.load(open(os.path.join(out, "meta.json")))
@@ -131,6 +141,39 @@ def test_num_tokens_cap(fineweb, tmp_path):
     assert sum(len(s) for s in shard_tokens(str(tmp_path / "cap"))) == 4000
 
 
+def test_shuffle_seed_permutes_documents_reproducibly(fineweb, tmp_path):
+    docs, files, out = fineweb
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for target in (a, b):
+        assert prepare(files, target, "--num_proc=1", "--shuffle_seed=3").returncode == 0
+    assert digests(a) == digests(b) and digests(a) != digests(out)
+    assert sorted(map(len, np.split(np.concatenate(shard_tokens(a)), np.flatnonzero(
+        np.concatenate(shard_tokens(a)) == 50256)[1:]))) == sorted(map(len, np.split(np.concatenate(
+            shard_tokens(out)), np.flatnonzero(np.concatenate(shard_tokens(out)) == 50256)[1:])))
+
+
+def test_missing_bpe_stops_at_once_with_advice(tmp_path):
+    """Offline with an empty tiktoken cache: a non-zero exit within seconds that names TIKTOKEN_CACHE_DIR, no hang."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(50, seed=1)))
+    (tmp_path / "empty").mkdir()
+    cmd = [sys.executable, os.path.join(REPO, "prepare_fineweb.py"), "--local_files", str(path),
+           f"--out_dir={tmp_path / 'out'}", "--num_proc=2"]
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "TIKTOKEN_CACHE_DIR" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_worker_without_the_bpe_raises_instead_of_hanging_the_pool(monkeypatch):
+    monkeypatch.setattr(pf, "_encoder", None)
+    monkeypatch.setattr(pf, "load_encoder", lambda: (None, "no BPE here"))
+    pf._init_worker()  # a raising pool initializer would make multiprocessing respawn workers for ever
+    with pytest.raises(RuntimeError, match="no BPE here"):
+        pf.tokenize("some text")
+
+
+@needs_bpe
 def test_unreachable_hub_gives_a_clear_error(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "prepare_fineweb.py"), f"--out_dir={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -143,7 +186,7 @@ def test_train_and_sample_on_the_shards(fineweb, tmp_path):
     out = str(tmp_path / "run")
     run_train(os.path.join(REPO, "config", "fineweb_cpu.py"), f"--data_dir={data}", f"--out_dir={out}",
               "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2", "--max_iters=4",
-              "--eval_interval=2", "--eval_iters=2", "--log_interval=2", "--num_threads=1")
+              "--warmup_iters=1", "--eval_interval=2", "--eval_iters=2", "--log_interval=2", "--num_threads=1")
     assert read_log(out, "eval")[-1]["iter"] == 4
     result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--out_dir={out}", "--start=The model",
                              "--num_samples=2", "--max_new_tokens=8"], cwd=REPO, capture_output=True, text=True)

@@ -105,3 +105,57 @@ def test_absolute_threshold_still_sees_real_progress():
     to_compression(g)
     for m in (1.0, 0.98, 0.96, 0.94):  # drops of 0.02 > 0.01
         assert g.step(9.0, [m]) == 2 and g.s_c == 0
+
+
+def test_every_switch_says_why_with_the_values_compared():
+    g = machine()
+    g.step(9.0)
+    assert g.last_switch is None
+    for _ in range(3):
+        g.step(9.0)
+    assert g.phase == 2 and g.last_switch == {"reason": "ce_plateau", "ce": 9.0, "ce_min": 9.0,
+                                              "steps_without_progress": 3}
+    g.step(9.0, [5.0])
+    assert g.last_switch is None  # only the step that switched carries a reason
+    g.step(10.0, [4.0])
+    assert g.phase == 1 and g.last_switch["reason"] == "ce_spike"
+    assert (g.last_switch["ce"], g.last_switch["ce_min"]) == (10.0, 9.0)
+    assert g.last_switch["ce_limit"] == 9.0 * 1.1
+    for _ in range(3):
+        g.step(9.0)
+    assert g.phase == 2 and g.last_switch["reason"] == "ce_plateau"
+    for mbe in (5.0, 5.0, 5.0):
+        g.step(9.0, [mbe])
+    assert g.phase == 1 and g.last_switch["reason"] == "mbe_patience"
+    assert g.last_switch["mbe"] == [5.0] and g.last_switch["mbe_min"] == [5.0]
+    assert g.last_switch["steps_without_progress"] == 2
+
+
+def test_running_mean_smooths_what_the_rules_see():
+    raw, smooth = machine(), machine(ema=0.9)
+    to_compression(raw)
+    to_compression(smooth)
+    for g in (raw, smooth):
+        g.step(9.0, [5.0])
+    assert raw.step(10.0, [5.0]) == 1  # one noisy step is a spike for the paper's rule
+    assert smooth.step(10.0, [5.0]) == 2 and smooth.ce_avg == 0.9 * 9.0 + 0.1 * 10.0  # its mean is not
+    assert smooth.mbe_avg == [5.0]
+    smooth.step(9.0, [3.0])
+    assert smooth.mbe_avg == [0.9 * 5.0 + 0.1 * 3.0]
+    s = smooth.state_dict()
+    twin = machine(ema=0.9)
+    twin.load_state_dict(s)
+    assert [twin.step(8.0, [2.0]), twin.ce_avg, twin.mbe_avg] == [smooth.step(8.0, [2.0]), smooth.ce_avg,
+                                                                   smooth.mbe_avg]
+
+
+def test_running_mean_of_mbe_restarts_with_each_compression_phase():
+    g = machine(ema=0.5)
+    to_compression(g)
+    g.step(9.0, [4.0])
+    g.step(20.0, [4.0])  # its running mean, 14.5, is a spike
+    assert g.phase == 1 and g.last_switch["reason"] == "ce_spike"
+    while g.phase == 1:
+        g.step(8.0)
+    g.step(8.0, [1.0])
+    assert g.mbe_avg == [1.0]  # not averaged with the 4.0 of the phase before

@@ -11,7 +11,7 @@ import torch
 
 import prepare_mult as pm
 from conftest import REPO, TINY, read_log, run_train
-from train import read_shard
+from shards import read_shard
 
 
 def test_encode_decode_round_trip():
@@ -171,7 +171,7 @@ def test_prepare_rejects_bad_ranges(tmp_path):
 def test_experiment_table_reads_finished_runs_only(tmp_path, capsys):
     import json as _json
 
-    import mult_experiment as me
+    import experiment as me
 
     def fake_run(name, seed, ood_ce, mode, finished=True):
         d = tmp_path / f"{name}-s{seed}"
@@ -195,13 +195,15 @@ def test_experiment_table_reads_finished_runs_only(tmp_path, capsys):
     assert "| mult_baseline | 2 | 0.500 ± 0.000 | 5.000 ± 1.414 | 50.0 ± 0.0% |" in out
     assert "| mult_gapt | 2 | 0.500 ± 0.000 | 2.500 ± 0.707 |" in out and "| 30% | 4.0 |" in out
     assert "mult_gapt: OOD answer-CE 50.0% lower (better) than mult_baseline" in out
+    assert "| mult_gapt | 0 | -50.0% |" in out and "| mult_gapt | 1 | -50.0% |" in out  # paired, seed by seed
+    assert "- mult_gapt (2 seeds): OOD answer-CE -50.0% ± 0.0% (beyond the spread)" in out
     assert "| run | 1x1 | 3x3 |" in out and "| mult_baseline | 100% | 5% |" in out  # per stratum, mean of seeds
 
 
 def test_experiment_rows_with_own_overrides_and_text_runs(tmp_path, capsys):
     import json as _json
 
-    import mult_experiment as me
+    import experiment as me
 
     assert me.parse_spec("config/mult_gapt.py+mbe_center=True+mbe_floor=0.5") == \
         ("config/mult_gapt.py", ["mbe_center=True", "mbe_floor=0.5"])
@@ -218,7 +220,8 @@ def test_experiment_rows_with_own_overrides_and_text_runs(tmp_path, capsys):
              "--configs", config, config + "+mbe_center=True"])
     out = capsys.readouterr().out
     assert "| run | seeds | val CE | final MBE (regularised) |" in out
-    assert "| fineweb_cpu+mbe_center_True | 1 | 3.000 ± 0.000 | 0.500 ± 0.000 | 50% | 2.0 | 0.25 0.75 |" in out
+    assert "| fineweb_cpu+mbe_center_True | 1 | 3.000 ± 0.000 | 0.500 ± 0.000 | 50% | 2.0 | 0.0 / 0.0 / 0.0 | " \
+           "0.25 0.75 |" in out
     assert "fineweb_cpu+mbe_center_True: validation CE 25.0% lower (better) than fineweb_cpu" in out
     # --set overrides go into every run's directory name, not into the row names; the table says what they were
     for name in ("fineweb_cpu", "fineweb_cpu+mbe_center_True"):
@@ -227,3 +230,59 @@ def test_experiment_rows_with_own_overrides_and_text_runs(tmp_path, capsys):
              "--configs", config, config + "+mbe_center=True"])
     out = capsys.readouterr().out
     assert "every run: --max_iters=50" in out and "| fineweb_cpu+mbe_center_True | 1 | 3.000 ± 0.000 |" in out
+
+
+def test_experiment_text_table_has_second_corpus_switch_reasons_and_paired_differences(tmp_path, capsys):
+    import json as _json
+
+    import experiment as me
+
+    config = os.path.join(REPO, "config", "kernel_docs_gapt.py")
+    base = os.path.join(REPO, "config", "kernel_docs_baseline.py")
+    for seed in (0, 1):
+        for name, val_ce, ood_ce, reasons in (("kernel_docs_baseline", 5.0, 7.0, []),
+                                              ("kernel_docs_gapt", 5.0 - 0.5 * seed, 7.7, ["ce_plateau", "ce_spike",
+                                                                                           "ce_plateau"])):
+            d = tmp_path / f"{name}-s{seed}"
+            d.mkdir()
+            records = [{"kind": "switch", "iter": 3 + i, "phase": 1, "reason": r} for i, r in enumerate(reasons)]
+            records += [{"kind": "eval", "iter": 600, "phase": 1, "val_ce": val_ce, "val_mbe": 0.5,
+                         "val_mbe_layers": [0.5, 0.5], "python_docs_eval_ce": ood_ce, "python_docs_eval_mbe": 0.4},
+                        {"kind": "train", "iter": 600, "phase": 1, "gapt": {"compress_steps": 150, "switches": 3}}]
+            (d / "log.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in records))  # no `done`: max_iters
+    me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "1", "--configs", base, config])
+    out = capsys.readouterr().out
+    assert "| run | seeds | val CE | python_docs_eval CE | final MBE (regularised) |" in out
+    assert "| kernel_docs_gapt | 2 | 4.750 ± 0.354 | 7.700 ± 0.000 | 0.500 ± 0.000 | 25% | 3.0 | 2.0 / 1.0 / 0.0 |" in out
+    assert "| kernel_docs_gapt | 1 | -10.0% | +10.0% | +0.0% |" in out
+    assert "- kernel_docs_gapt (2 seeds): val CE -5.0% ± 7.1%, python_docs_eval CE +10.0% ± 0.0% (beyond" in out
+    assert "MBE -50% and CE -4.8%" in out
+
+
+def test_experiment_resumes_a_stopped_run_and_skips_finished_ones(token_data, tmp_path):
+    """A run stopped after its checkpoint at iter 4 (its log runs on past it) resumes there and ends as the same run
+    trained without a stop; a finished run is not trained again."""
+    import json as _json
+
+    import experiment as me
+
+    config = tmp_path / "tiny.py"
+    config.write_text("".join(f"{a[2:].split('=')[0]} = {a.split('=', 1)[1]!r}\n" if a.split('=', 1)[1] in
+                              ("cpu", "adamw") else f"{a[2:]}\n" for a in TINY)
+                      + f"data_dir = {token_data!r}\nmax_iters = 8\neval_interval = 2\nlog_interval = 1\n"
+                        f"decay_lr = False\ngapt_mode = 'gapt'\ngapt_patience_memorize = 2\n"
+                        f"gapt_patience_compress = 2\n")
+    root = tmp_path / "sweep"
+    stopped, whole = root / "tiny-s0", tmp_path / "whole"
+    run_train(str(config), "--seed=0", f"--out_dir={stopped}", "--max_iters=4")
+    with open(stopped / "log.jsonl", "a") as f:  # what a run killed between checkpoints had logged after iter 4
+        f.write(_json.dumps({"kind": "train", "iter": 5, "phase": 1}) + "\n")
+    run_train(str(config), "--seed=0", f"--out_dir={whole}")
+    me.main(["--out_root", str(root), "--seeds", "0", "--configs", str(config)])
+    evals = read_log(str(stopped), "eval")
+    assert [r["iter"] for r in evals] == [0, 2, 4, 6, 8]
+    assert evals[-1]["val_ce"] == read_log(str(whole), "eval")[-1]["val_ce"]
+    assert [r["iter"] for r in read_log(str(stopped), "train")] == list(range(1, 9))
+    log_mtime = os.path.getmtime(stopped / "log.jsonl")
+    me.main(["--out_root", str(root), "--seeds", "0", "--configs", str(config)])
+    assert os.path.getmtime(stopped / "log.jsonl") == log_mtime

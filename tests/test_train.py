@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, read_log, run_train
-from train import DEFAULTS, ConfigError, DataError, TokenWindows, get_lr, load_config, read_shard, write_shard
+from shards import DataError, TokenWindows, read_shard, write_shard
+from train import DEFAULTS, ConfigError, get_lr, load_config
 
 # phases switch within a few steps so that short runs cover both
 FAST_GAPT = ["--gapt_patience_memorize=2", "--gapt_patience_compress=2", "--gapt_tau=10.0"]
@@ -133,9 +134,11 @@ def test_config_overrides_and_types(tmp_path):
     assert c.learning_rate == 1.0 and isinstance(c.learning_rate, float)
     assert c.device == "cpu" and c.compile is True and c.mbe_layers == [0, 2]
     cfg = tmp_path / "cfg.py"
-    cfg.write_text("import math\nmax_iters = 7\n_private = 3\nbatch_size = 2 ** 3\n")
-    c = load_config([str(cfg), "--max_iters=9"])
-    assert (c.max_iters, c.batch_size) == (9, 8)
+    cfg.write_text("import math\nmax_iters = 700\n_private = 3\nbatch_size = 2 ** 3\n")
+    c = load_config([str(cfg), "--max_iters=900"])
+    assert (c.max_iters, c.batch_size) == (900, 8)
+    assert load_config(["--eval_data_dirs=data/a"]).eval_data_dirs == ["data/a"]
+    assert load_config(["--eval_data_dirs=['data/a', 'b']"]).eval_data_dirs == ["data/a", "b"]
     with pytest.raises(ConfigError, match="expected int"):
         load_config(["--max_iters=1.5"])
     with pytest.raises(ConfigError, match="expected bool"):
@@ -144,6 +147,23 @@ def test_config_overrides_and_types(tmp_path):
         load_config(["--gapt_mode=sometimes"])
     with pytest.raises(ConfigError, match="not divisible by mbe_patch_size"):
         load_config(["--block_size=30", "--mbe_patch_size=8"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--learning_rate=-1", "learning_rate"), ("--min_lr=0.1", "min_lr"), ("--mbe_weight=-0.1", "mbe_weight"),
+    ("--gapt_patience_memorize=0", "gapt_patience_memorize"), ("--gapt_patience_compress=0", "gapt_patience_compress"),
+    ("--gapt_tau=0", "gapt_tau"), ("--dropout=1.0", "dropout"), ("--dropout=-0.1", "dropout"),
+    ("--warmup_iters=6000", "warmup_iters"), ("--gapt_ema=1.0", "gapt_ema"), ("--max_iters=-5", "max_iters"),
+    ("--beta2=1.5", "beta2"), ("--mbe_floor=-1", "mbe_floor"), ("--n_head=3", "n_embd")])
+def test_out_of_range_values_stop_at_load_time_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config([override])
+
+
+def test_out_of_range_value_on_the_command_line_is_one_clear_line(tmp_path):
+    result = run_train("--learning_rate=-1", f"--out_dir={tmp_path}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: config key 'learning_rate' must not be negative, got -1.0"
 
 
 def test_every_shipped_config_loads_and_the_mult_configs_differ_only_in_gapt():
@@ -336,3 +356,81 @@ def test_readme_documents_every_config_key():
 def test_help_lists_every_key():
     result = run_train("--help")
     assert all(f"--{k}=" in result.stdout for k in DEFAULTS)
+
+
+
+# runs, out_dir and checkpoints ---------------------------------------------------------------------------------
+
+def test_second_corpus_is_evaluated_and_the_run_ends_with_a_summary(token_data, tmp_path):
+    other = tmp_path / "other_corpus"
+    other.mkdir()
+    rng = __import__("numpy").random.default_rng(1)
+    write_shard(str(other / "val_000000.bin"), rng.integers(0, 64, size=2000))  # evaluation only: no train shard
+    out = str(tmp_path / "run")
+    result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+                       f"--eval_data_dirs={other}")
+    evals = read_log(out, "eval")
+    assert [r["iter"] for r in evals] == [0, 2, 4]
+    assert all(math.isfinite(r["other_corpus_ce"]) and len(r["other_corpus_mbe_layers"]) == 3 for r in evals)
+    assert evals[-1]["other_corpus_ce"] != evals[-1]["val_ce"]  # measured on other text
+    assert "| other_corpus_ce" in result.stdout
+    summary = result.stdout[result.stdout.index("done: 4 steps"):]
+    assert f"val CE {evals[-1]['val_ce']:.4f}" in summary and f"other_corpus_ce {evals[-1]['other_corpus_ce']:.4f}" \
+        in summary
+    assert os.path.join(out, "ckpt.pt") in summary and os.path.join(out, "log.jsonl") in summary
+    assert f"python plot.py {out}" in summary
+
+
+def test_scratch_run_into_a_used_out_dir_stops_unless_told_to_overwrite(token_data, tmp_path):
+    out = str(tmp_path / "run")
+    common = [*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"]
+    run_train(*common)
+    before = open(os.path.join(out, "log.jsonl")).read()
+    result = run_train(*common, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "already holds a run" in result.stderr and "--init_from=resume" in result.stderr
+    assert "--overwrite_out_dir=True" in result.stderr and open(os.path.join(out, "log.jsonl")).read() == before
+    run_train(*common, "--overwrite_out_dir=True", "--seed=5")
+    assert [r["iter"] for r in read_log(out, "eval")] == [0, 2]  # a fresh log: one run on one step axis
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign"])
+def test_damaged_checkpoint_is_one_clear_error(token_data, tmp_path, damage):
+    out = tmp_path / "run"
+    common = [*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--eval_interval=2"]
+    run_train(*common, "--max_iters=2")
+    ckpt = out / "ckpt.pt"
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:len(ckpt.read_bytes()) // 2])
+    elif damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint at all")
+    else:
+        torch.save({"state_dict": {}}, ckpt)  # e.g. someone else's model file
+    result = run_train(*common, "--max_iters=4", "--init_from=resume", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(ckpt) in lines[0] and "--init_from=scratch --overwrite_out_dir=True" in lines[0]
+
+
+def test_resume_with_a_different_explicit_shape_is_an_error(token_data, tmp_path):
+    out = str(tmp_path / "run")
+    run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
+    result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+                       "--init_from=resume", "--n_layer=5", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "n_layer=3" in result.stderr and "n_layer=5" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_drops_log_records_written_after_the_checkpoint(token_data, tmp_path):
+    out = str(tmp_path / "run")
+    common = [*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--eval_interval=2", "--log_interval=1",
+              "--decay_lr=False"]
+    run_train(*common, "--max_iters=2")
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # a run killed at step 3, after its checkpoint at 2
+        f.write(json.dumps({"kind": "train", "iter": 3, "phase": 1, "ce": 1.0}) + "\n")
+    run_train(*common, "--max_iters=4", "--init_from=resume")
+    records = read_log(out)
+    assert [r["iter"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert all(r.get("ce") != 1.0 for r in records)

@@ -1,0 +1,253 @@
+"""
+Run configs over several seeds, resumably, and print a Markdown table of the results with per-seed paired differences
+against the first config (the baseline).
+
+    python prepare_mult.py
+    python experiment.py                                       # multiplication: baseline, GAPT, always; seeds 0 1 2
+    python experiment.py --seeds 0 1 2 3 4 5 --jobs 2          # two runs at a time, one thread each
+    python experiment.py --table_only                          # re-read finished runs, print the table again
+    python experiment.py --configs config/mult_gapt.py config/mult_gapt.py+mbe_center=True+mbe_floor=0.5
+    python experiment.py --out_root out-text-experiment --jobs 2 --configs config/kernel_docs_baseline.py \
+        config/kernel_docs_gapt.py config/kernel_docs_gapt.py+gapt_ema=0.9 config/kernel_docs_always.py
+
+A config may carry its own overrides after `+` (one row of an ablation each); `--set` applies to every run. Every run
+is `python train.py CONFIG --seed=S --out_dir=OUT_ROOT/NAME-sS`; the table is read back from each run's log.jsonl
+(the final evaluation). Model selection uses nothing here: all numbers are at the last step.
+
+Resumable: a run that finished (its log has the evaluation at max_iters) is skipped; one that was stopped resumes from
+its last checkpoint (--init_from=resume), or starts again if it wrote none. Stop the script at any time and start it
+again with the same arguments; add seeds or configs and only the new runs train.
+
+Multiplication runs are tabulated by their answer metrics; text runs by validation CE and the CE on every
+eval_data_dirs corpus (out-of-distribution text), with GAPT's phase switches counted by reason.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIGS = ["config/mult_baseline.py", "config/mult_gapt.py", "config/mult_always.py"]
+SWITCH_REASONS = ("ce_plateau", "ce_spike", "mbe_patience")  # train.py's GAPT.last_switch["reason"]
+PAPER = {"mult": "the paper reports a 35% lower OOD answer-CE for GAPT",
+         "text": "the paper reports, for GPT-2 124M on FineWeb, MBE -50% and CE -4.8% for GAPT"}
+
+
+def run_name(config, overrides):
+    name = os.path.splitext(os.path.basename(config))[0]
+    return name + "".join(f"+{o.replace('=', '_')}" for o in overrides)
+
+
+def parse_spec(spec):
+    """'config/x.py+key=value+key2=value2' -> ('config/x.py', ['key=value', 'key2=value2'])"""
+    config, *overrides = spec.split("+")
+    return config, overrides
+
+
+def read_records(out_dir):
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_finished(out_dir, max_iters):
+    """A run is finished when this script marked it `done` or its log holds the evaluation at max_iters."""
+    if os.path.exists(os.path.join(out_dir, "done")):
+        return True
+    return any(r.get("kind") == "eval" and r["iter"] >= max_iters for r in read_records(out_dir))
+
+
+def final_metrics(out_dir, max_iters=None):
+    """The last eval and train records of a finished run, merged, with its switches counted by reason; None if the
+    run has not finished."""
+    if not (os.path.exists(os.path.join(out_dir, "done")) or (max_iters and is_finished(out_dir, max_iters))):
+        return None
+    records = read_records(out_dir)
+    evals = [r for r in records if r.get("kind") == "eval"]
+    trains = [r for r in records if r.get("kind") == "train"]
+    if not evals or not trains:
+        return None
+    last_eval, last_train = evals[-1], trains[-1]
+    gapt = last_train.get("gapt")
+    if gapt is not None:
+        compress_fraction, switches = gapt["compress_steps"] / last_train["iter"], gapt["switches"]
+    else:  # "off" never compresses, "always" always does
+        compress_fraction, switches = float(last_train["phase"] == 2), 0
+    reasons = [r.get("reason", "unknown") for r in records if r.get("kind") == "switch"]
+    extra_ce = {k[:-3]: v for k, v in last_eval.items() if k.endswith("_ce") and k != "val_ce" and "answer" not in k}
+    return {"iter": last_eval["iter"], "id_ce": last_eval.get("id_answer_ce"),
+            "ood_ce": last_eval.get("ood_answer_ce"), "id_exact": last_eval.get("id_exact"),
+            "ood_exact": last_eval.get("ood_exact"), "val_ce": last_eval["val_ce"],
+            "mbe": last_eval["val_mbe"], "mbe_layers": last_eval["val_mbe_layers"], "extra_ce": extra_ce,
+            "compress_fraction": compress_fraction, "switches": switches,
+            "switch_reasons": {k: reasons.count(k) for k in sorted(set(reasons))},
+            "id_exact_by_digits": last_eval.get("id_exact_by_digits")}
+
+
+def mean_std(values, fmt):
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():{fmt}} ± {values.std(ddof=1) if len(values) > 1 else 0.0:{fmt}}"
+
+
+def paired_differences(results, metrics):
+    """Per seed, each run's metrics minus the first run's at the same seed (relative, in %): a Markdown table and
+    one line per run with the mean ± standard deviation over the seeds both have."""
+    names = list(results)
+    base = results[names[0]]
+    lines = ["", f"Paired differences to {names[0]} (same seed; relative change in %, negative = lower):", "",
+             "| run | seed | " + " | ".join(label for label, _ in metrics) + " |",
+             "|" + "---|" * (len(metrics) + 2)]
+    summary = []
+    for name in names[1:]:
+        diffs = []
+        for seed, r in sorted(results[name].items()):
+            if seed not in base:
+                continue
+            row = [100 * (get(r) - get(base[seed])) / abs(get(base[seed])) for _, get in metrics]
+            diffs.append(row)
+            lines.append(f"| {name} | {seed} | " + " | ".join(f"{d:+.1f}%" for d in row) + " |")
+        if diffs:
+            d = np.array(diffs)
+            spread = d.std(0, ddof=1) if len(d) > 1 else np.zeros(len(metrics))
+            summary.append(f"- {name} ({len(d)} seeds): " + ", ".join(
+                f"{label} {m:+.1f}% ± {s:.1f}%" + (" (beyond the spread)" if len(d) > 1 and abs(m) > s else "")
+                for (label, _), m, s in zip(metrics, d.mean(0), spread)))
+    return lines + [""] + summary
+
+
+def table(results):
+    """results: {run name: {seed: metrics}} -> Markdown: a row per run (mean ± std over seeds), then the paired
+    differences of each run to the first, seed by seed."""
+    runs_of = {name: list(by_seed.values()) for name, by_seed in results.items()}
+    mult = all(r["ood_ce"] is not None for runs in runs_of.values() for r in runs)
+    extra = sorted({k for runs in runs_of.values() for r in runs for k in r["extra_ce"]})
+    task_columns = (["ID answer-CE", "OOD answer-CE", "ID exact", "OOD exact"] if mult
+                    else ["val CE", *[f"{k} CE" for k in extra]])
+    columns = ["run", "seeds", *task_columns, "final MBE (regularised)", "compression steps", "phase switches",
+               "switches by reason (plateau / spike / patience)", "final MBE per layer"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name, runs in runs_of.items():
+        if mult:
+            task = [mean_std([r["id_ce"] for r in runs], ".3f"), mean_std([r["ood_ce"] for r in runs], ".3f"),
+                    mean_std([100 * r["id_exact"] for r in runs], ".1f") + "%",
+                    mean_std([100 * r["ood_exact"] for r in runs], ".1f") + "%"]
+        else:
+            task = [mean_std([r["val_ce"] for r in runs], ".3f"),
+                    *[mean_std([r["extra_ce"].get(k, np.nan) for r in runs], ".3f") for k in extra]]
+        reasons = " / ".join(f"{np.mean([r['switch_reasons'].get(k, 0) for r in runs]):.1f}" for k in SWITCH_REASONS)
+        per_layer = np.mean([r["mbe_layers"] for r in runs], axis=0)
+        lines.append("| " + " | ".join([name, str(len(runs)), *task, mean_std([r["mbe"] for r in runs], ".3f"),
+                                         f"{np.mean([100 * r['compress_fraction'] for r in runs]):.0f}%",
+                                         f"{np.mean([r['switches'] for r in runs]):.1f}", reasons,
+                                         " ".join(f"{v:.2f}" for v in per_layer)]) + " |")
+    by_digits = [r["id_exact_by_digits"] for runs in runs_of.values() for r in runs]
+    if mult and by_digits and all(by_digits):  # ID exact match per operand lengths ("2x3": a has 2 digits, b 3)
+        strata = sorted({k for d in by_digits for k in d})
+        lines += ["", "ID exact match by operand lengths (mean over seeds):", "",
+                  "| run | " + " | ".join(strata) + " |", "|" + "---|" * (len(strata) + 1)]
+        for name, runs in runs_of.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * np.mean([r['id_exact_by_digits'].get(k, np.nan) for r in runs]):.0f}%" for k in strata) + " |")
+    names = list(results)
+    if len(names) > 1:
+        key, what = ("ood_ce", "OOD answer-CE") if mult else ("val_ce", "validation CE")
+        base = np.mean([r[key] for r in runs_of[names[0]]])
+        lines.append("")
+        for name in names[1:]:
+            change = (np.mean([r[key] for r in runs_of[name]]) - base) / base
+            lines.append(f"- {name}: {what} {abs(change):.1%} {'lower (better)' if change < 0 else 'higher (worse)'}"
+                         f" than {names[0]} (means over seeds)")
+        if mult:
+            metrics = [("OOD answer-CE", lambda r: r["ood_ce"]), ("ID answer-CE", lambda r: r["id_ce"]),
+                       ("MBE", lambda r: r["mbe"])]
+        else:
+            metrics = [("val CE", lambda r: r["val_ce"]),
+                       *[(f"{k} CE", lambda r, k=k: r["extra_ce"][k]) for k in extra], ("MBE", lambda r: r["mbe"])]
+        lines += paired_differences(results, metrics)
+        lines.append(f"- for comparison, {PAPER['mult' if mult else 'text']}")
+    return "\n".join(lines)
+
+
+def max_iters_of(config, overrides):
+    """The run's max_iters, from train.py's own config loading (so files and overrides count as they do there)."""
+    sys.path.insert(0, HERE)
+    from train import load_config
+    return load_config([config, *[f"--{o}" for o in overrides]]).max_iters
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    parser.add_argument("--out_root", default="out-mult-experiment")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets --num_threads=THREADS)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: 2 // jobs, at least 1)")
+    parser.add_argument("--table_only", action="store_true", help="do not train; tabulate the finished runs")
+    parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments")
+    args = parser.parse_args(argv)
+    specs = [parse_spec(spec) for spec in args.configs]
+    for config, _ in specs:
+        if not os.path.isfile(config):
+            parser.error(f"config {config!r} not found")
+    threads = args.threads or max(1, 2 // args.jobs)
+    runs = []
+    for config, overrides in specs:
+        max_iters = max_iters_of(config, overrides + args.set)
+        for seed in args.seeds:
+            out_dir = os.path.join(args.out_root, f"{run_name(config, overrides + args.set)}-s{seed}")
+            runs.append((config, overrides, seed, out_dir, max_iters))
+
+    if not args.table_only:
+        pending, active = list(runs), []
+        while pending or active:
+            while pending and len(active) < args.jobs:
+                config, overrides, seed, out_dir, max_iters = pending.pop(0)
+                if is_finished(out_dir, max_iters):
+                    print(f"[skip] {out_dir} is finished")
+                    continue
+                os.makedirs(out_dir, exist_ok=True)
+                resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
+                cmd = [sys.executable, os.path.join(HERE, "train.py"), config, f"--seed={seed}",
+                       f"--out_dir={out_dir}", f"--num_threads={threads}", *[f"--{o}" for o in overrides + args.set],
+                       *args.train_args, "--init_from=resume" if resume else "--overwrite_out_dir=True"]
+                print("[resume]" if resume else "[run]", " ".join(cmd), flush=True)
+                stdout = open(os.path.join(out_dir, "stdout.txt"), "a" if resume else "w")
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                active.append((subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, env=env), out_dir,
+                               stdout, time.time()))
+            time.sleep(1)
+            for item in list(active):
+                proc, out_dir, stdout, start = item
+                if proc.poll() is not None:
+                    stdout.close()
+                    active.remove(item)
+                    if proc.returncode != 0:
+                        for other in active:  # stop the rest too; they resume from their checkpoints next time
+                            other[0].terminate()
+                        sys.exit(f"{out_dir} failed (exit {proc.returncode}); see {out_dir}/stdout.txt")
+                    open(os.path.join(out_dir, "done"), "w").close()
+                    print(f"[done] {out_dir} in {time.time() - start:.0f}s", flush=True)
+
+    results = {}
+    for config, overrides, seed, out_dir, max_iters in runs:
+        metrics = final_metrics(out_dir, max_iters)
+        if metrics is None:
+            print(f"[missing] {out_dir} has no finished run", file=sys.stderr)
+            continue
+        results.setdefault(run_name(config, overrides), {})[seed] = metrics  # rows named by their own overrides
+    if args.set:
+        print(f"every run: {' '.join('--' + o for o in args.set)}\n")
+    if results:
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""
+Token shards, the one data format of this project: a 256 x int32 header (magic, version, token count, zeros) then the
+tokens as uint16 (the llm.c / modded-nanogpt format, so their FineWeb shards load unchanged), plus the random
+training/evaluation windows train.py draws from them. prepare_mult.py and prepare_fineweb.py write shards with
+write_shard; train.py reads them.
+"""
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def write_shard(path, tokens):
+    """Write tokens (ids < 65536) as a shard, atomically: a temporary file renamed into place."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise ValueError(f"{path}: token ids must fit uint16 (0..65535), got {tokens.min()}..{tokens.max()}")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path, hint="run the prepare script for this data again (prepare_mult.py or prepare_fineweb.py)"):
+    """Memory-map a shard's tokens after checking its header; a clear DataError says what is wrong."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise DataError(f"{path} is not a token shard (bad header magic {header[0] if len(header) else None}, "
+                        f"expected {SHARD_MAGIC}); {hint}")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION}); {hint}")
+    n_tokens = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * n_tokens
+    if n_tokens < 0 or size != expected:
+        raise DataError(f"{path} is truncated or corrupt: its header says {n_tokens} tokens ({expected} bytes) "
+                        f"but the file has {size} bytes; {hint}")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
+
+
+class TokenWindows:
+    """Random windows of block_size + 1 tokens from every shard of one split (train_*.bin or val_*.bin)."""
+
+    def __init__(self, data_dir, split, block_size):
+        paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+        if not os.path.isdir(data_dir):
+            raise DataError(f"data directory {data_dir!r} does not exist; create it with `python prepare_mult.py` "
+                            f"or `python prepare_fineweb.py`, or set --data_dir")
+        if not paths:
+            raise DataError(f"no {split}_*.bin shards in {data_dir!r}; run `python prepare_mult.py` or "
+                            f"`python prepare_fineweb.py` for it, or point --data_dir at a prepared directory")
+        self.block_size = block_size
+        self.shards = [read_shard(p) for p in paths]
+        self.starts = np.array([max(len(s) - block_size, 0) for s in self.shards])  # valid window starts per shard
+        self.cum_starts = np.cumsum(self.starts)
+        if self.cum_starts[-1] == 0:
+            raise DataError(f"the {split} shards in {data_dir!r} hold fewer than block_size + 1 = {block_size + 1} "
+                            f"tokens; prepare more data or lower block_size")
+
+    def draw(self, n, generator):
+        """n random window positions (global indices into all shards' window starts)."""
+        return torch.randint(int(self.cum_starts[-1]), (n,), generator=generator)
+
+    def windows(self, positions):
+        """(x, y) int64 tensors of shape (len(positions), block_size): inputs and next-token targets."""
+        positions = positions.numpy()
+        shard = np.searchsorted(self.cum_starts, positions, side="right")
+        offset = positions - (self.cum_starts[shard] - self.starts[shard])
+        rows = np.stack([self.shards[s][o:o + self.block_size + 1] for s, o in zip(shard, offset)]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
