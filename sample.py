@@ -4,9 +4,11 @@ Generate from a trained checkpoint: text for BPE (FineWeb-style) runs, answers f
     python sample.py --out_dir=out-fineweb-cpu --start="The function" --num_samples=3 --max_new_tokens=100
     python sample.py --out_dir=out-mult-gapt --start="123*45="          # greedy answer, checked against the truth
     python sample.py --out_dir=out-mult-gapt --start=FILE:prompts.txt   # one prompt per line
+    python sample.py --init_from=gpt2 --start="The Linux kernel"         # OpenAI's GPT-2 (or gpt2-medium, -large, -xl)
+    python sample.py --init_from=hf-kernel-docs-gapt --start="The"       # a Hub-layout folder (export_hf.py writes one)
 
 The checkpoint's data directory (config data_dir) says which decoder to use: meta.json with task "multiplication"
-uses prepare_mult's characters, anything else GPT-2's BPE (tiktoken r50k_base).
+uses prepare_mult's characters, anything else GPT-2's BPE (tiktoken r50k_base); pretrained GPT-2 uses the BPE.
 """
 
 import argparse
@@ -14,13 +16,15 @@ import os
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, PretrainedError, from_pretrained
 from shards import read_meta
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="out-mult-gapt", help="directory holding ckpt.pt")
+    parser.add_argument("--init_from", default="resume",
+                        help="resume (out_dir/ckpt.pt), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hub-layout folder")
     parser.add_argument("--start", default="\n", help="the prompt, or FILE:path for one prompt per line")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=100)
@@ -32,16 +36,23 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        parser.error(f"{path} does not exist: train first (python train.py --out_dir={args.out_dir})")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
+    if args.init_from != "resume":
+        try:
+            model = from_pretrained(args.init_from)
+        except PretrainedError as e:
+            parser.exit(1, f"error: {e}\n")
+        meta = {"tokenizer": "r50k_base"}
+    else:
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        if not os.path.exists(path):
+            parser.error(f"{path} does not exist: train first (python train.py --out_dir={args.out_dir})")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"])
+        data_dir = args.data_dir or checkpoint["config"]["data_dir"]
+        meta = read_meta(data_dir)
     model.eval().to(args.device)
     torch.manual_seed(args.seed)
-    data_dir = args.data_dir or checkpoint["config"]["data_dir"]
-    meta = read_meta(data_dir)
     if not meta:
         parser.error(f"{data_dir}/meta.json not found, so the tokenizer is unknown: run from the directory you "
                      f"trained in, or pass --data_dir")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from mbe import patched_mbe
-from model import GPT, GPTConfig
+from model import (GPT, PRETRAINED, GPTConfig, PretrainedError, load_pretrained_state, pretrained_config,
+                   pretrained_folder)
 from shards import DataError, TokenWindows, read_meta
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,7 @@ DEFAULTS = dict(
     eval_iters=20,  # validation batches (of batch_size sequences) per evaluation
     eval_only=False,  # evaluate once and exit
     always_save_checkpoint=True,  # False: write ckpt.pt only when the validation CE improved
-    init_from="scratch",  # "scratch" or "resume" (from out_dir/ckpt.pt)
+    init_from="scratch",  # "scratch", "resume" (out_dir/ckpt.pt), "gpt2" ... "gpt2-xl", or a Hub-layout folder
     overwrite_out_dir=False,  # True: a scratch run may replace the run already in out_dir (its ckpt.pt and log)
     seed=1337,
     wandb_log=False,
@@ -154,7 +155,10 @@ def load_config(args):
 
 
 def validate_config(c):
-    choices = {"init_from": ("scratch", "resume"), "gapt_mode": ("off", "gapt", "always"),
+    if c["init_from"] not in ("scratch", "resume", *PRETRAINED) and not os.path.isdir(c["init_from"]):
+        raise ConfigError(f"init_from must be scratch, resume, one of {', '.join(PRETRAINED)}, or a folder holding a "
+                          f"GPT-2 in the Hugging Face layout (config.json + model.safetensors); got {c['init_from']!r}")
+    choices = {"gapt_mode": ("off", "gapt", "always"),
                "optimizer": ("adamw", "muon"), "dtype": ("auto", "float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
         if c[key] not in allowed:
@@ -488,6 +492,19 @@ def main(c):
             for path in (ckpt_path, log_path):
                 if os.path.exists(path):
                     os.remove(path)
+    pretrained_dir = None
+    if c.init_from not in ("scratch", "resume"):  # OpenAI's GPT-2 (downloaded once) or a local Hub-layout folder
+        pretrained_dir = pretrained_folder(c.init_from)
+        shape = pretrained_config(pretrained_dir)
+        for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
+            if getattr(c, k) not in (shape[k], DEFAULTS[k]):
+                raise ConfigError(f"init_from={c.init_from!r} is a GPT-2 with {k}={shape[k]!r}, but this run sets "
+                                  f"{k}={getattr(c, k)!r}: only block_size (up to {shape['block_size']}) and dropout "
+                                  f"may differ from the pretrained model; drop that setting")
+            setattr(c, k, shape[k])
+        if c.block_size > shape["block_size"]:
+            raise ConfigError(f"block_size {c.block_size} is longer than {c.init_from}'s context "
+                              f"({shape['block_size']}); use at most that")
 
     # data ----------------------------------------------------------------------
     train_data = TokenWindows(c.data_dir, "train", c.block_size)
@@ -522,6 +539,8 @@ def main(c):
     model = GPT(gptconf)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    elif pretrained_dir is not None:
+        model.load_state_dict(load_pretrained_state(pretrained_dir, c.block_size))
     model.to(c.device)
     mbe_layers = resolve_mbe_layers(c.mbe_layers, c.n_layer)
     layer_select, layer_index = layer_selection(c.mbe_layers, c.n_layer, c.device)
@@ -788,6 +807,6 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         main(load_config(sys.argv[1:]))
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
+    except (ConfigError, DataError, CheckpointError, PretrainedError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -178,6 +178,11 @@ def test_every_shipped_config_loads_and_the_mult_configs_differ_only_in_gapt():
     paper = loaded["mult_gapt_paper"]
     assert paper["gapt_mode"] == "gapt"
     assert all(paper[k] == DEFAULTS[k] for k in gapt_keys - {"out_dir", "gapt_mode"})
+    for family, others in (("kernel_docs_gapt", ("kernel_docs_baseline", "kernel_docs_always")),
+                           ("finetune_gapt", ("finetune_baseline",)), ("fineweb_gapt", ("fineweb_baseline",))):
+        for name in others:  # twins differ in gapt_mode and out_dir only, so their rows compare like with like
+            assert {k for k in loaded[name] if loaded[name][k] != loaded[family][k]} == {"gapt_mode", "out_dir"}
+    assert loaded["finetune_gapt"]["init_from"] == "gpt2"
 
 
 def test_mistyped_key_in_file_and_command_line(tmp_path):
