@@ -80,7 +80,12 @@ def final_metrics(out_dir, max_iters=None):
         compress_fraction, switches = gapt["compress_steps"] / last_train["iter"], gapt["switches"]
     else:  # "off" never compresses, "always" always does
         compress_fraction, switches = float(last_train["phase"] == 2), 0
-    reasons = [r.get("reason", "unknown") for r in records if r.get("kind") == "switch"]
+    switches_logged = [r for r in records if r.get("kind") == "switch"]
+    reasons = [r.get("reason", "unknown") for r in switches_logged]
+    # compression phases: from each switch into phase 2 to the next switch out of it (or the end of the run)
+    starts = [r["iter"] for r in switches_logged if r["phase"] == 2]
+    ends = [r["iter"] for r in switches_logged if r["phase"] == 1] + [last_train["iter"]]
+    phase_lengths = [min([e for e in ends if e > s] or [last_train["iter"]]) - s for s in starts]
     extra_ce = {k[:-3]: v for k, v in last_eval.items() if k.endswith("_ce") and k != "val_ce" and "answer" not in k}
     return {"iter": last_eval["iter"], "id_ce": last_eval.get("id_answer_ce"),
             "ood_ce": last_eval.get("ood_answer_ce"), "id_exact": last_eval.get("id_exact"),
@@ -88,7 +93,18 @@ def final_metrics(out_dir, max_iters=None):
             "mbe": last_eval["val_mbe"], "mbe_layers": last_eval["val_mbe_layers"], "extra_ce": extra_ce,
             "compress_fraction": compress_fraction, "switches": switches,
             "switch_reasons": {k: reasons.count(k) for k in sorted(set(reasons))},
+            "compress_phase_steps": float(np.mean(phase_lengths)) if phase_lengths else None,
+            "step_ce_noise": step_ce_noise(trains),
             "id_exact_by_digits": last_eval.get("id_exact_by_digits")}
+
+
+def step_ce_noise(trains):
+    """The batch noise of one step's CE: the standard deviation of the difference between consecutive steps' CE, over
+    √2, in the second half of the run (where the trend per step is small). Needs log_interval=1; None otherwise."""
+    half = [r for r in trains if r["iter"] > trains[-1]["iter"] / 2]
+    if len(half) < 10 or any(b["iter"] - a["iter"] != 1 for a, b in zip(half, half[1:])):
+        return None
+    return float(np.diff([r["ce"] for r in half]).std() / np.sqrt(2))
 
 
 def mean_std(values, fmt):
@@ -131,7 +147,8 @@ def table(results):
     task_columns = (["ID answer-CE", "OOD answer-CE", "ID exact", "OOD exact"] if mult
                     else ["val CE", *[f"{k} CE" for k in extra]])
     columns = ["run", "seeds", *task_columns, "final MBE (regularised)", "compression steps", "phase switches",
-               "switches by reason (plateau / spike / patience)", "final MBE per layer"]
+               "switches by reason (plateau / spike / patience)", "mean compression phase (steps)",
+               "step CE noise", "final MBE per layer"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, runs in runs_of.items():
         if mult:
@@ -143,9 +160,13 @@ def table(results):
                     *[mean_std([r["extra_ce"].get(k, np.nan) for r in runs], ".3f") for k in extra]]
         reasons = " / ".join(f"{np.mean([r['switch_reasons'].get(k, 0) for r in runs]):.1f}" for k in SWITCH_REASONS)
         per_layer = np.mean([r["mbe_layers"] for r in runs], axis=0)
+        phase = [r["compress_phase_steps"] for r in runs if r.get("compress_phase_steps") is not None]
+        noise = [r["step_ce_noise"] for r in runs if r.get("step_ce_noise") is not None]
         lines.append("| " + " | ".join([name, str(len(runs)), *task, mean_std([r["mbe"] for r in runs], ".3f"),
                                          f"{np.mean([100 * r['compress_fraction'] for r in runs]):.0f}%",
                                          f"{np.mean([r['switches'] for r in runs]):.1f}", reasons,
+                                         f"{np.mean(phase):.1f}" if phase else "—",
+                                         f"{np.mean(noise):.3f}" if noise else "—",
                                          " ".join(f"{v:.2f}" for v in per_layer)]) + " |")
     by_digits = [r["id_exact_by_digits"] for runs in runs_of.values() for r in runs]
     if mult and by_digits and all(by_digits):  # ID exact match per operand lengths ("2x3": a has 2 digits, b 3)

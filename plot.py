@@ -4,7 +4,7 @@ Plot one or more runs from their log.jsonl: CE, MBE, the CE/MBE gradient alignme
     python plot.py out-mult-baseline out-mult-gapt -o mult.png
     python plot.py out-mult-gapt -o gapt.png --csv gapt.csv        # also dump the merged series
 
-Panels share the step axis: (1) train CE and validation CE, (2) mean MBE of the regularised layers (train and
+Panels share the step axis: (1) train CE, validation CE and the CE of every eval_data_dirs corpus (dotted), (2) mean MBE of the regularised layers (train and
 validation) with the per-layer validation MBE as thin lines, (3) the cosine between the gradients of CE and MBE
 (align_interval runs), with a zero line, (4) the phase. Compression phases are shaded on every panel, in each run's
 colour. Runs overlay with a legend.
@@ -66,6 +66,9 @@ def plot(runs, output, smooth=1):
         if evals:
             axes[0].plot([r["iter"] for r in evals], [r["val_ce"] for r in evals], color=color, ls="--", marker=".",
                          label=f"{label} val")
+            for key in sorted(k for k in evals[-1] if k.endswith("_ce") and k != "val_ce" and "answer" not in k):
+                axes[0].plot([r["iter"] for r in evals if key in r], [r[key] for r in evals if key in r], color=color,
+                             ls=":", marker="x", label=f"{label} {key[:-3]}")  # an eval_data_dirs corpus
             axes[1].plot([r["iter"] for r in evals], [r["val_mbe"] for r in evals], color=color, ls="--",
                          marker=".", label=f"{label} val")
             for layer in range(len(evals[0]["val_mbe_layers"])):
