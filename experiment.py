@@ -19,7 +19,9 @@ its last checkpoint (--init_from=resume), or starts again if it wrote none. Stop
 again with the same arguments; add seeds or configs and only the new runs train.
 
 Multiplication runs are tabulated by their answer metrics; text runs by validation CE and the CE on every
-eval_data_dirs corpus (out-of-distribution text), with GAPT's phase switches counted by reason.
+eval_data_dirs corpus (out-of-distribution text). Every row also has GAPT's share of steps compressing, its phase
+switches counted by reason, the mean length of a compression phase, and the batch noise of one step's CE (runs with
+log_interval=1). Then, per seed, each run's relative difference to the first config's run of the same seed.
 """
 
 import argparse
