@@ -59,17 +59,18 @@ def read_records(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def is_finished(out_dir, max_iters):
+def is_finished(out_dir, max_iters=None):
     """A run is finished when this script marked it `done` or its log holds the evaluation at max_iters."""
     if os.path.exists(os.path.join(out_dir, "done")):
         return True
-    return any(r.get("kind") == "eval" and r["iter"] >= max_iters for r in read_records(out_dir))
+    evals = [r for r in read_records(out_dir) if r.get("kind") == "eval"]
+    return max_iters is not None and any(r["iter"] >= max_iters for r in evals)
 
 
 def final_metrics(out_dir, max_iters=None):
     """The last eval and train records of a finished run, merged, with its switches counted by reason; None if the
     run has not finished."""
-    if not (os.path.exists(os.path.join(out_dir, "done")) or (max_iters and is_finished(out_dir, max_iters))):
+    if not is_finished(out_dir, max_iters):
         return None
     records = read_records(out_dir)
     evals = [r for r in records if r.get("kind") == "eval"]

@@ -4,10 +4,10 @@ Plot one or more runs from their log.jsonl: CE, MBE, the CE/MBE gradient alignme
     python plot.py out-mult-baseline out-mult-gapt -o mult.png
     python plot.py out-mult-gapt -o gapt.png --csv gapt.csv        # also dump the merged series
 
-Panels share the step axis: (1) train CE, validation CE and the CE of every eval_data_dirs corpus (dotted), (2) mean MBE of the regularised layers (train and
-validation) with the per-layer validation MBE as thin lines, (3) the cosine between the gradients of CE and MBE
-(align_interval runs), with a zero line, (4) the phase. Compression phases are shaded on every panel, in each run's
-colour. Runs overlay with a legend.
+Panels share the step axis: (1) train CE, validation CE and the CE of every eval_data_dirs corpus (dotted),
+(2) mean MBE of the regularised layers (train and validation) with the per-layer validation MBE as thin lines,
+(3) the cosine between the gradients of CE and MBE (align_interval runs), with a zero line, (4) the phase.
+Compression phases are shaded on every panel, in each run's colour. Runs overlay with a legend.
 """
 
 import argparse

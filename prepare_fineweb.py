@@ -210,7 +210,8 @@ def main(argv=None):
         progress.close()
     if index < 2:
         print(f"warning: only {index} shard written ({total:,} tokens): training needs a val and a train shard "
-              f"(lower --val_tokens); an evaluation-only directory (train.py's eval_data_dirs) needs just this one", file=sys.stderr)
+              f"(lower --val_tokens); an evaluation-only directory (train.py's eval_data_dirs) needs just this one",
+              file=sys.stderr)
     meta = {"vocab_size": EOT + 1, "tokenizer": ENCODING, "eot_token": EOT, "tokens": total, "shards": index,
             "source": args.local_files or f"{args.dataset}/{args.name}", "shuffle_seed": args.shuffle_seed}
     tmp = os.path.join(args.out_dir, "meta.json.tmp")

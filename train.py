@@ -175,8 +175,8 @@ def validate_config(c):
                 "gapt_patience_compress", "mbe_alpha"):
         if c[key] <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {c[key]}")
-    for key in ("learning_rate", "max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "mbe_weight",
-                "mbe_floor", "gapt_delta", "gapt_delta_mbe_abs", "num_threads", "peak_flops", "align_interval",
+    for key in ("learning_rate", "max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
+                "mbe_weight", "mbe_floor", "gapt_delta_mbe_abs", "num_threads", "peak_flops", "align_interval",
                 "vocab_size"):
         if c[key] < 0:
             raise ConfigError(f"config key {key!r} must not be negative, got {c[key]}")
@@ -208,8 +208,8 @@ class GAPT:
     Call step(ce, mbe) once per optimizer step with that step's CE and per-layer MBE (ignored in phase 1); it returns
     the phase for the next step. "x improved on best" means best is +inf or x < best·(1 − delta); with delta_mbe_abs
     > 0, an MBE improves only if it drops by more than that absolute amount. After a step that switched, last_switch
-    says why ("ce_plateau": memorization → compression; "ce_spike" or "mbe_patience": compression → memorization) and
-    the values the rule compared.
+    says why ("ce_plateau": memorization → compression; "ce_spike" or "mbe_patience": compression →
+    memorization) and the values the rule compared.
 
     ema > 0 is an option beyond the paper: the rules see exponential moving averages (weight 1 − ema on the new
     value) of CE and of each layer's MBE instead of the raw step values, so that batch noise in a small step's CE can
@@ -328,6 +328,15 @@ def truncate_log(path, iter_num):
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(tmp, path)
+
+
+def adopt_model_shape(c, shape, source, advice):
+    """Set the model-shape keys of c from a checkpoint's or a pretrained model's (shape: key -> value). A key this run
+    set explicitly to another value (anything but its default) is an error: the weights would not fit."""
+    for k, value in shape.items():
+        if getattr(c, k) not in (value, DEFAULTS[k]):
+            raise ConfigError(f"{source} has {k}={value!r}, but this run sets {k}={getattr(c, k)!r}; {advice}")
+        setattr(c, k, value)
 
 
 def save_checkpoint(path, checkpoint):
@@ -474,13 +483,8 @@ def main(c):
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
     if c.init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path)
-        for k in model_keys:  # the architecture comes from the checkpoint; a different explicit value is an error
-            saved = checkpoint["model_args"][k]
-            if getattr(c, k) not in (saved, DEFAULTS[k]):
-                raise CheckpointError(f"{ckpt_path} holds a model with {k}={saved!r}, but this run sets {k}="
-                                      f"{getattr(c, k)!r}; drop that setting to resume, or train it from scratch in "
-                                      f"another out_dir")
-            setattr(c, k, saved)
+        adopt_model_shape(c, {k: checkpoint["model_args"][k] for k in model_keys}, f"the model in {ckpt_path}",
+                          "drop that setting to resume, or train it from scratch in another out_dir")
         if master:
             truncate_log(log_path, checkpoint["iter_num"])
     elif not c.eval_only and any(os.path.exists(p) for p in (ckpt_path, log_path)):
@@ -496,12 +500,9 @@ def main(c):
     if c.init_from not in ("scratch", "resume"):  # OpenAI's GPT-2 (downloaded once) or a local Hub-layout folder
         pretrained_dir = pretrained_folder(c.init_from)
         shape = pretrained_config(pretrained_dir)
-        for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
-            if getattr(c, k) not in (shape[k], DEFAULTS[k]):
-                raise ConfigError(f"init_from={c.init_from!r} is a GPT-2 with {k}={shape[k]!r}, but this run sets "
-                                  f"{k}={getattr(c, k)!r}: only block_size (up to {shape['block_size']}) and dropout "
-                                  f"may differ from the pretrained model; drop that setting")
-            setattr(c, k, shape[k])
+        adopt_model_shape(c, {k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")},
+                          f"the GPT-2 of init_from={c.init_from!r}", f"only block_size (up to {shape['block_size']}) "
+                          f"and dropout may differ from the pretrained model; drop that setting")
         if c.block_size > shape["block_size"]:
             raise ConfigError(f"block_size {c.block_size} is longer than {c.init_from}'s context "
                               f"({shape['block_size']}); use at most that")
@@ -521,12 +522,12 @@ def main(c):
     extra_val_data = {}  # evaluation-only corpora: name -> their val windows
     for d in c.eval_data_dirs:
         name = os.path.basename(os.path.normpath(d))
-        if name in extra_val_data or name == "val":
-            raise ConfigError(f"eval_data_dirs: two directories are named {name!r}; give them different names")
+        if name in extra_val_data or name == "val":  # its metrics are logged as NAME_ce, ...
+            raise ConfigError(f"eval_data_dirs: the folder names must differ from each other and from 'val' (got "
+                              f"{name!r} twice or as 'val'); rename or link the folder")
         extra_val_data[name] = TokenWindows(d, "val", c.block_size)
         if read_meta(d).get("vocab_size", 0) > c.vocab_size:
-            raise ConfigError(f"eval_data_dirs: {d} has a larger vocabulary ({read_meta(d)['vocab_size']}) than the "
-                              f"model ({c.vocab_size})")
+            raise ConfigError(f"eval_data_dirs: {d} has a larger vocabulary than the model ({c.vocab_size})")
     data_rng = torch.Generator().manual_seed(c.seed)  # the same on every rank: each takes its slice of the batch
 
     def fetch(x, y):
@@ -791,7 +792,7 @@ def main(c):
 def keep_freed_memory_in_the_heap():
     """glibc hands every freed buffer above its mmap threshold (32 MB at most when adjusted at run time) back to the OS
     and maps it again on the next step; on a CPU the full fp32 logits (tokens x 50k vocabulary) of a small text model
-    make that close to half of each step (measured: 1,059 against 576 tokens/s, README "Performance"). The threshold
+    make that close to half of each step (measured: 1,059 against 576 tokens/s, docs/performance.md). The threshold
     can only be raised above 32 MB from the environment before the process starts, so set it and restart once."""
     if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2 ** 32)

@@ -251,13 +251,14 @@ def test_experiment_text_table_has_second_corpus_switch_reasons_and_paired_diffe
                         for i in range(1, 600)]  # a CE that alternates by 0.1: its step noise is 0.1 / sqrt(2)
             records += [{"kind": "eval", "iter": 600, "phase": 1, "val_ce": val_ce, "val_mbe": 0.5,
                          "val_mbe_layers": [0.5, 0.5], "python_docs_eval_ce": ood_ce, "python_docs_eval_mbe": 0.4},
-                        {"kind": "train", "iter": 600, "phase": 1, "ce": 4.0, "gapt": {"compress_steps": 150, "switches": 3}}]
+                        {"kind": "train", "iter": 600, "phase": 1, "ce": 4.0,
+                         "gapt": {"compress_steps": 150, "switches": 3}}]
             (d / "log.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in records))  # no `done`: max_iters
     me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "1", "--configs", base, config])
     out = capsys.readouterr().out
     assert "| run | seeds | val CE | python_docs_eval CE | final MBE (regularised) |" in out
-    assert "| kernel_docs_gapt | 2 | 4.750 ± 0.354 | 7.700 ± 0.000 | 0.500 ± 0.000 | 25% | 3.0 | 2.0 / 1.0 / 0.0 | " \
-           "297.5 | 0.071 |" in out  # phases of 2 steps and of 593 (open until the end at 600)
+    assert "| kernel_docs_gapt | 2 | 4.750 ± 0.354 | 7.700 ± 0.000 | 0.500 ± 0.000 | 25% | 3.0 | " \
+           "2.0 / 1.0 / 0.0 | 297.5 | 0.071 |" in out  # phases of 2 steps and of 593 (open until the end at 600)
     assert "| kernel_docs_gapt | 1 | -10.0% | +10.0% | +0.0% |" in out
     assert "- kernel_docs_gapt (2 seeds): val CE -5.0% ± 7.1%, python_docs_eval CE +10.0% ± 0.0% (beyond" in out
     assert "MBE -50% and CE -4.8%" in out
