@@ -13,8 +13,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 torch.set_num_threads(1)  # LAPACK kernels (eigvalsh) can be 100x slower with 2 threads on small machines
 
+# The device of the train-level tests: cpu, or GAPT_TEST_DEVICE=cuda to run the same tests on a GPU (bf16 autocast
+# there, as dtype="auto" chooses; tests that cannot apply on CUDA skip with the reason).
+DEVICE = os.environ.get("GAPT_TEST_DEVICE", "cpu")
+ON_CUDA = DEVICE.startswith("cuda")
+if ON_CUDA and not torch.cuda.is_available():
+    raise RuntimeError(f"GAPT_TEST_DEVICE={DEVICE} but torch sees no CUDA device; unset it to test on the CPU")
+# Losses that two runs should reproduce: bit for bit on the CPU; on CUDA to within the rounding that atomic adds in
+# the backward pass (embedding gradients) leave in a different order on every run.
+LOSS_TOL = 0.0 if not ON_CUDA else 2e-3
+cpu_only = pytest.mark.skipif(ON_CUDA, reason="checks CPU-side behaviour that the device does not change")
+
 # a tiny GPT that trains in well under a second per step on one CPU thread
-TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--device=cpu",
+TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", f"--device={DEVICE}",
         "--num_threads=1", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4",
         "--optimizer=adamw"]
 

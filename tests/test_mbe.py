@@ -125,3 +125,22 @@ def test_centering():
     assert patched_mbe(zero_mean, 8, center=True).item() == pytest.approx(patched_mbe(zero_mean, 8).item(), abs=1e-6)
     shifted = zero_mean + 5.0 * torch.randn(1, 1, 12)  # a shared offset lowers the uncentered entropy only
     assert patched_mbe(shifted, 8).item() < patched_mbe(shifted, 8, center=True).item() - 0.1
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_on_the_test_device_under_bf16_autocast_it_is_float32_and_matches_float64(alpha):
+    """MBE on the device the train-level tests use (GAPT_TEST_DEVICE=cuda on a GPU), inside bf16 autocast as in
+    training: computed in float32, value and gradient equal to the float64 CPU computation on the same inputs."""
+    from conftest import DEVICE
+    torch.manual_seed(0)
+    Z = (torch.randn(4, 8, 32) + 0.5 * torch.randn(4, 1, 32)).to(torch.bfloat16)  # bf16, as hidden states can be
+    Z64 = Z.double().requires_grad_(True)
+    Zd = Z.to(DEVICE).requires_grad_(True)
+    with torch.autocast(device_type=torch.device(DEVICE).type, dtype=torch.bfloat16):
+        got = mbe(Zd, alpha)
+    assert got.dtype == torch.float32 and got.device.type == torch.device(DEVICE).type
+    ref = mbe(Z64, alpha)
+    assert torch.allclose(got.double().cpu(), ref, atol=1e-4)
+    got.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(Zd.grad.double().cpu(), Z64.grad, atol=1e-3, rtol=1e-2)
