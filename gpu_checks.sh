@@ -16,6 +16,8 @@ export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=4294967296  # the value train.p
 PY=${PYTHON:-python3}
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
+PARTS=" ${GPU_PARTS:-sweep tests demo bench} "  # e.g. GPU_PARTS=sweep to run the sweep alone
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 
 { nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
   date -u; git log -1 --format='commit %H' 2>/dev/null; } > "$RESULTS/env.txt" 2>&1
@@ -23,21 +25,20 @@ cat "$RESULTS/env.txt" | tail -3
 
 # 1a. the text-model sweep: 8 runs at once; stopped at its deadline (its logs hold an eval every 100 steps)
 SWEEP="runs/text-lm-gpu"
-timeout 330 $PY experiment.py --out_root "$SWEEP" --jobs 8 --threads 1 --seeds 0 1 --configs \
+want sweep && timeout ${SWEEP_DEADLINE:-330} $PY experiment.py --out_root "$SWEEP" --jobs 8 --threads 1 --seeds 0 1 --configs \
     config/kernel_docs_gpu.py+gapt_mode=off config/kernel_docs_gpu.py config/kernel_docs_gpu.py+gapt_ema=0.9 \
     config/kernel_docs_gpu.py+gapt_mode=always > "$RESULTS/sweep.txt" 2>&1 &
 SWEEP_PID=$!
 
 # 1b. the train-level tests on CUDA (4 at a time)
-GAPT_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q -n 4 -p no:cacheprovider tests/test_train.py tests/test_mult.py \
+want tests && GAPT_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q -n 4 -p no:cacheprovider tests/test_train.py tests/test_mult.py \
     tests/test_mbe.py tests/test_gapt.py > "$RESULTS/tests.txt" 2>&1 &
 TESTS_PID=$!
 
 # 1c. config/fineweb_gapt.py for 80 steps on one GPU (32,768 tokens per step), patience lowered so that phases switch;
 #     the same run again stopped at its step-40 checkpoint and resumed to 80
 DEMO="out-gpu-demo"
-rm -rf "$DEMO"
-(
+want demo && rm -rf "$DEMO" && (
   COMMON="config/fineweb_gapt.py --data_dir=data/kernel_docs --gradient_accumulation_steps=2 --max_iters=80
     --lr_decay_iters=80 --warmup_iters=10 --eval_interval=40 --eval_iters=4 --log_interval=1
     --gapt_patience_memorize=5 --gapt_patience_compress=5"
@@ -55,7 +56,7 @@ pkill -TERM -f "train.py config/kernel_docs_gpu.py" 2>/dev/null; sleep 3
 pkill -KILL -f "train.py config/kernel_docs_gpu.py" 2>/dev/null
 
 # 2. bench.py with the GPU to itself
-timeout 170 $PY bench.py config/fineweb_gapt.py --batch_size=16 --steps=20 --nanogpt_dir=.gpu/nanoGPT \
+want bench && timeout 170 $PY bench.py config/fineweb_gapt.py --batch_size=16 --steps=20 --nanogpt_dir=.gpu/nanoGPT \
     > "$RESULTS/bench.txt" 2>&1
 echo "bench exit $? at $(elapsed) s"
 

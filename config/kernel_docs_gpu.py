@@ -6,7 +6,7 @@
 #   python experiment.py --out_root runs/text-lm-gpu --jobs 8 --threads 1 --seeds 0 1 --configs \
 #       config/kernel_docs_gpu.py+gapt_mode=off config/kernel_docs_gpu.py config/kernel_docs_gpu.py+gapt_ema=0.9 \
 #       config/kernel_docs_gpu.py+gapt_mode=always
-# 16,384 tokens per optimizer step (32 x 512), 500 steps: 8.2M tokens, about one pass over the 7.9M training tokens.
+# 16,384 tokens per optimizer step (2 x 16 x 512), 500 steps: 8.2M tokens, about one pass over the 7.9M training tokens.
 out_dir = "out-kernel-docs-gpu"
 data_dir = "data/kernel_docs"
 eval_data_dirs = ["data/python_docs_eval"]
@@ -15,8 +15,8 @@ n_layer = 8
 n_head = 8
 n_embd = 512
 block_size = 512
-batch_size = 32
-gradient_accumulation_steps = 1
+batch_size = 16
+gradient_accumulation_steps = 2  # 2 micro-batches of 16 x 512: 8 runs fit one 80 GB GPU side by side
 max_iters = 500
 warmup_iters = 50
 learning_rate = 1e-3
