@@ -25,9 +25,11 @@ cat "$RESULTS/env.txt" | tail -3
 
 # 1a. the text-model sweep: 8 runs at once; stopped at its deadline (its logs hold an eval every 100 steps)
 SWEEP="runs/text-lm-gpu"
-want sweep && timeout ${SWEEP_DEADLINE:-330} $PY experiment.py --out_root "$SWEEP" --jobs 8 --threads 1 --seeds 0 1 --configs \
-    config/kernel_docs_gpu.py+gapt_mode=off config/kernel_docs_gpu.py config/kernel_docs_gpu.py+gapt_ema=0.9 \
-    config/kernel_docs_gpu.py+gapt_mode=always > "$RESULTS/sweep.txt" 2>&1 &
+SEEDS=${SWEEP_SEEDS:-0 1}
+CONFIGS=${SWEEP_CONFIGS:-config/kernel_docs_gpu.py+gapt_mode=off config/kernel_docs_gpu.py \
+    config/kernel_docs_gpu.py+gapt_ema=0.9 config/kernel_docs_gpu.py+gapt_mode=always}
+want sweep && timeout ${SWEEP_DEADLINE:-330} $PY experiment.py --out_root "$SWEEP" --jobs ${SWEEP_JOBS:-8} --threads 1 \
+    --seeds $SEEDS --configs $CONFIGS > "$RESULTS/sweep.txt" 2>&1 &
 SWEEP_PID=$!
 
 # 1b. the train-level tests on CUDA (4 at a time)
@@ -63,7 +65,5 @@ echo "bench exit $? at $(elapsed) s"
 tar czf "$RESULTS/logs.tar.gz" $(ls "$SWEEP"/*/log.jsonl "$SWEEP"/*/stdout.txt "$DEMO"/*/log.jsonl 2>/dev/null)
 tail -4 "$RESULTS/tests.txt"; grep -E "^(error|Traceback)|exit" "$RESULTS/demo.txt"
 grep -E "^\||x its time|MBE at|MBE alone" "$RESULTS/bench.txt"
-$PY experiment.py --table_only --out_root "$SWEEP" --seeds 0 1 --configs config/kernel_docs_gpu.py+gapt_mode=off \
-    config/kernel_docs_gpu.py config/kernel_docs_gpu.py+gapt_ema=0.9 config/kernel_docs_gpu.py+gapt_mode=always \
-    2>&1 | head -8
+$PY experiment.py --table_only --out_root "$SWEEP" --seeds $SEEDS --configs $CONFIGS 2>&1 | head -9
 echo "all done at $(elapsed) s"

@@ -89,6 +89,7 @@ DEFAULTS = dict(
     dtype="auto",  # "auto" (bfloat16 on CUDA where supported, else float16 on CUDA, float32 on CPU), or explicit
     compile=False,  # torch.compile the model
     num_threads=0,  # torch CPU threads per process; 0 keeps torch's default
+    deterministic=False,  # True: deterministic kernels (slower on CUDA), so that reruns and resumes repeat bit for bit
     peak_flops=0.0,  # the hardware's peak FLOP/s for the MFU column; 0 leaves MFU out (bench.py measures one)
     align_interval=0,  # every this many steps, log the cosine between the CE and MBE gradients (0 = off)
 )
@@ -441,6 +442,9 @@ def setup_compute(c, device_type):
         c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if c.deterministic:  # cuBLAS reads this when it creates its handle, so it must be set before the first matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -98,6 +98,23 @@ def test_exact_resume(token_data, tmp_path):
     assert same_weights(ca["model"], cb["model"])
 
 
+def test_deterministic_rerun_and_resume_repeat_bit_for_bit(token_data, tmp_path):
+    """deterministic=True: on CUDA too (where atomic adds otherwise reorder sums), a resumed run repeats an unstopped
+    one exactly."""
+    common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=gapt", *FAST_GAPT, "--log_interval=1",
+              "--eval_interval=4", "--lr_decay_iters=8", "--deterministic=True"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train(*common, f"--out_dir={straight}", "--max_iters=8")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=4")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=8", "--init_from=resume")
+    a, b = read_log(straight, "train"), read_log(resumed, "train")
+    assert [(r["loss"], r["mbe"], r["gapt"]) for r in a] == [(r["loss"], r["mbe"], r["gapt"]) for r in b]
+    assert {r["phase"] for r in a} == {1, 2}
+    ca = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    cb = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+
+
 def test_ddp_two_processes_match_one(token_data, tmp_path):
     """torchrun with 2 processes (gloo) on the CPU; on CUDA, one process per GPU up to 2 (NCCL), so one GPU runs
     torchrun --nproc_per_node=1."""
