@@ -11,11 +11,20 @@ checkpoints, then main(): DDP/device setup, data, model init/resume, optimizer, 
 and the training loop.
 """
 
+import os
+import sys
+
+if __name__ == "__main__" and sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    # glibc hands every freed buffer above its mmap threshold (32 MB at most when adjusted at run time) back to the OS
+    # and maps it again on the next step; on a CPU the full fp32 logits (tokens x 50k vocabulary) of a small text
+    # model make that close to half of each step (docs/performance.md). The threshold can only be raised above 32 MB
+    # from the environment before the process starts: set it and restart once, before torch is imported (cheap).
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2 ** 32)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
 import ast
 import json
 import math
-import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -793,18 +802,7 @@ def main(c):
         dist.destroy_process_group()
 
 
-def keep_freed_memory_in_the_heap():
-    """glibc hands every freed buffer above its mmap threshold (32 MB at most when adjusted at run time) back to the OS
-    and maps it again on the next step; on a CPU the full fp32 logits (tokens x 50k vocabulary) of a small text model
-    make that close to half of each step (measured: 1,059 against 576 tokens/s, docs/performance.md). The threshold
-    can only be raised above 32 MB from the environment before the process starts, so set it and restart once."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2 ** 32)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-
-
 if __name__ == "__main__":
-    keep_freed_memory_in_the_heap()
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__)
         print("config keys and their defaults (README.md explains each):")

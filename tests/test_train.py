@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -415,6 +416,20 @@ def test_readme_documents_every_config_key():
     readme = open(os.path.join(REPO, "README.md")).read()
     missing = [k for k in DEFAULTS if f"`{k}`" not in readme]
     assert not missing, f"README.md does not document {missing}"
+
+
+def test_train_restarts_with_the_glibc_threshold_before_it_imports_torch():
+    """Without MALLOC_MMAP_THRESHOLD_, train.py sets it and restarts itself before importing torch (so the restart
+    costs no second torch import). -X importtime reports the first process's imports only: the restarted one runs
+    without interpreter flags."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    cmd = [sys.executable, "-X", "importtime", os.path.join(REPO, "train.py"), "--help"]
+    restarted = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert restarted.returncode == 0 and "--deterministic" in restarted.stdout
+    assert "import time:" in restarted.stderr and "| torch" not in restarted.stderr
+    direct = subprocess.run(cmd, cwd=REPO, env={**env, "MALLOC_MMAP_THRESHOLD_": str(2 ** 32)}, capture_output=True,
+                            text=True, timeout=120)
+    assert "| torch" in direct.stderr  # no restart: this process imported torch itself
 
 
 def test_help_lists_every_key():
