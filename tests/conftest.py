@@ -22,7 +22,6 @@ if ON_CUDA and not torch.cuda.is_available():
 # Losses that two runs should reproduce: bit for bit on the CPU; on CUDA to within the rounding that atomic adds in
 # the backward pass (embedding gradients) leave in a different order on every run.
 LOSS_TOL = 0.0 if not ON_CUDA else 2e-3
-cpu_only = pytest.mark.skipif(ON_CUDA, reason="checks CPU-side behaviour that the device does not change")
 
 # a tiny GPT that trains in well under a second per step on one CPU thread
 TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", f"--device={DEVICE}",
