@@ -17,8 +17,11 @@ Variants, alternated step by step in one process so that machine drift affects t
 Every variant steps the config's optimizer (AdamW, or Muon + AdamW with optimizer="muon").
 It also times the MBE of the stacked hidden states alone (forward + backward), the α=2 closed form against the
 eigenvalue path (α=1) at --alpha_shape, and this machine's peak matmul FLOP/s, for the MFU column.
-Bench flags: --steps, --warmup, --alpha_shape=B,N,D (empty to skip), --alpha_threads, --nanogpt_dir; the rest are
-train.py config.
+With --mbe_compiled=1 (the default when the config compiles) it also times that MBE under torch.compile, and checks
+that it gives the same value: on a GPU the eager MBE is 10% of a GPT-2 124M step (docs/performance.md), and this
+says how much of it compilation could save.
+Bench flags: --steps, --warmup, --alpha_shape=B,N,D (empty to skip), --alpha_threads, --nanogpt_dir, --mbe_compiled
+(0, 1, or -1: as the config's compile); the rest are train.py config.
 """
 
 import importlib.util
@@ -36,7 +39,8 @@ from model import GPT, GPTConfig
 from shards import read_meta
 from train import GAPT, ConfigError, build_optimizers, compression_loss, layer_selection, load_config, setup_compute
 
-BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1, "nanogpt_dir": ""}
+BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1, "nanogpt_dir": "",
+               "mbe_compiled": -1}
 STRING_FLAGS = ("alpha_shape", "nanogpt_dir")
 
 
@@ -174,9 +178,20 @@ def main(argv):
         hidden = forward(x, y)[2][layer_select].detach()
     hidden.requires_grad_(True)
 
-    def mbe_only():
-        patched_mbe(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center).sum().backward()
+    def mbe_only(mbe_fn=patched_mbe):
+        return mbe_fn(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center).sum().backward()
     mbe_ms = statistics.median(timed(mbe_only, device_type) for _ in range(max(3, bench.steps))) * 1000
+    mbe_compiled_ms = None
+    if bench.mbe_compiled == 1 or (bench.mbe_compiled == -1 and c.compile):
+        compiled_mbe = torch.compile(patched_mbe)
+        with torch.no_grad():
+            eager_value = patched_mbe(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+            compiled_value = compiled_mbe(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+        mbe_compiled_diff = (compiled_value - eager_value).abs().max().item()
+        for _ in range(2):  # compilation (forward and backward graphs)
+            mbe_only(compiled_mbe)
+        mbe_compiled_ms = statistics.median(timed(lambda: mbe_only(compiled_mbe), device_type)
+                                            for _ in range(max(3, bench.steps))) * 1000
 
     peak = peak_matmul_flops(c.device, ptdtype, device_type)
     flops_per_token = model.flops_per_token()
@@ -187,7 +202,7 @@ def main(argv):
                         "batch_size": c.batch_size, "vocab_size": vocab_size, "params": model.get_num_params()},
               "mbe_patch_size": c.mbe_patch_size, "mbe_layers": str(c.mbe_layers), "steps": bench.steps,
               "peak_flops": peak, "memory_kind": "peak allocated" if device_type == "cuda" else "saved activations",
-              "mbe_only_ms": mbe_ms, "variants": {}}
+              "mbe_only_ms": mbe_ms, "mbe_only_compiled_ms": mbe_compiled_ms, "variants": {}}
     print(f"{result['device_name']}, {result['threads']} threads, {c.dtype}, compile={c.compile}, {c.optimizer}; model "
           f"{c.n_layer}x{c.n_embd}, block {c.block_size}, batch {c.batch_size} ({model.get_num_params() / 1e6:.1f}M "
           f"params); {bench.steps} timed rounds; measured peak matmul {peak / 1e12:.3f} TFLOP/s\n")
@@ -209,6 +224,11 @@ def main(argv):
               f"its time per step (above 1: ours is faster)")
     print(f"\nMBE alone (forward + backward, {hidden.shape[0]} layers, patch {c.mbe_patch_size}): {mbe_ms:.2f} ms "
           f"= {mbe_ms / (base * 1000):.1%} of a baseline step")
+    if mbe_compiled_ms is not None:
+        result["mbe_compiled_max_abs_diff"] = mbe_compiled_diff
+        print(f"MBE alone under torch.compile: {mbe_compiled_ms:.2f} ms = {mbe_compiled_ms / (base * 1000):.1%} of a "
+              f"baseline step ({mbe_ms / mbe_compiled_ms:.2f}x faster than eager; values differ by at most "
+              f"{mbe_compiled_diff:.1e})")
 
     if bench.alpha_shape:  # the α=2 closed form against the eigenvalue path, forward + backward
         B, N, D = (int(v) for v in bench.alpha_shape.split(","))

@@ -25,6 +25,19 @@ def test_bench_runs_end_to_end_and_emits_json(token_data):
     assert report["shape"]["vocab_size"] == 64 and report["threads"] == 1 and report["peak_flops"] > 0
     assert report["alpha_shape"] == [2, 64, 16] and report["alpha2_ms"] > 0 and report["eig_ms"] > 0
     assert report["optimizer"] == "adamw"
+    assert report["mbe_only_compiled_ms"] is None  # not asked for, and the config does not compile
+
+
+def test_bench_times_the_mbe_under_torch_compile(token_data):
+    cmd = [sys.executable, os.path.join(REPO, "bench.py"), "--n_layer=3", "--n_head=2", "--n_embd=32",
+           "--block_size=32", "--batch_size=2", "--num_threads=1", f"--data_dir={token_data}", "--steps=2",
+           "--warmup=1", "--alpha_shape=", "--optimizer=adamw", "--mbe_compiled=1"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "MBE alone under torch.compile:" in result.stdout
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["mbe_only_compiled_ms"] > 0 and report["mbe_compiled_max_abs_diff"] < 1e-4
 
 
 def test_bench_steps_the_configs_optimizer(token_data, monkeypatch):
