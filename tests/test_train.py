@@ -29,12 +29,6 @@ def same_run(a, b):
         assert [r["gapt"] for r in a] == [r["gapt"] for r in b]
 
 
-def same_weights(a, b):
-    if ON_CUDA:
-        return all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-    return all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("mode", ["off", "gapt", "always"])
 def test_smoke_each_mode(token_data, tmp_path, mode):
     out = str(tmp_path / mode)
@@ -83,36 +77,23 @@ def test_loss_is_mean_over_micro_steps(token_data, tmp_path):
 
 
 def test_exact_resume(token_data, tmp_path):
+    """N + N resumed steps repeat 2N straight steps bit for bit: on the CPU as it is, on CUDA (where atomic adds
+    otherwise reorder sums) with deterministic=True, which this test therefore covers too."""
     common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=gapt", *FAST_GAPT, "--log_interval=1",
-              "--eval_interval=4", "--lr_decay_iters=10", "--gradient_accumulation_steps=2", "--dropout=0.1"]
+              "--eval_interval=4", "--lr_decay_iters=10", "--gradient_accumulation_steps=2", "--dropout=0.1",
+              "--deterministic=True"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_train(*common, f"--out_dir={straight}", "--max_iters=10")
     run_train(*common, f"--out_dir={resumed}", "--max_iters=5")
     result = run_train(*common, f"--out_dir={resumed}", "--max_iters=10", "--init_from=resume")
     assert "resumed from" in result.stdout
     a, b = read_log(straight, "train"), read_log(resumed, "train")
-    same_run(a[5:], b[5:])  # iters 6 to 10, the resumed part
+    assert [(r["iter"], r["loss"], r["mbe"], r["phase"], r["gapt"]) for r in a] == \
+           [(r["iter"], r["loss"], r["mbe"], r["phase"], r["gapt"]) for r in b]
     assert {r["phase"] for r in a} == {1, 2}
     ca = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
     cb = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
-    assert ca["gapt"]["phase"] == cb["gapt"]["phase"] and ca["iter_num"] == cb["iter_num"] == 10
-    assert same_weights(ca["model"], cb["model"])
-
-
-def test_deterministic_rerun_and_resume_repeat_bit_for_bit(token_data, tmp_path):
-    """deterministic=True: on CUDA too (where atomic adds otherwise reorder sums), a resumed run repeats an unstopped
-    one exactly."""
-    common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=gapt", *FAST_GAPT, "--log_interval=1",
-              "--eval_interval=4", "--lr_decay_iters=8", "--deterministic=True"]
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run_train(*common, f"--out_dir={straight}", "--max_iters=8")
-    run_train(*common, f"--out_dir={resumed}", "--max_iters=4")
-    run_train(*common, f"--out_dir={resumed}", "--max_iters=8", "--init_from=resume")
-    a, b = read_log(straight, "train"), read_log(resumed, "train")
-    assert [(r["loss"], r["mbe"], r["gapt"]) for r in a] == [(r["loss"], r["mbe"], r["gapt"]) for r in b]
-    assert {r["phase"] for r in a} == {1, 2}
-    ca = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
-    cb = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=False)
+    assert ca["gapt"] == cb["gapt"] and ca["iter_num"] == cb["iter_num"] == 10
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
 
 
