@@ -182,12 +182,17 @@ def table(results):
     names = list(results)
     if len(names) > 1:
         key, what = ("ood_ce", "OOD answer-CE") if mult else ("val_ce", "validation CE")
-        base = np.mean([r[key] for r in runs_of[names[0]]])
         lines.append("")
-        for name in names[1:]:
-            change = (np.mean([r[key] for r in runs_of[name]]) - base) / base
+        for name in names[1:]:  # means over the seeds both rows have, so a missing seed cannot fake a difference
+            seeds = sorted(set(results[name]) & set(results[names[0]]))
+            if not seeds:
+                continue
+            base = np.mean([results[names[0]][s][key] for s in seeds])
+            change = (np.mean([results[name][s][key] for s in seeds]) - base) / base
+            over = ("means over seeds" if seeds == sorted(results[name]) == sorted(results[names[0]])
+                    else f"means over the seeds both have: {' '.join(map(str, seeds))}")
             lines.append(f"- {name}: {what} {abs(change):.1%} {'lower (better)' if change < 0 else 'higher (worse)'}"
-                         f" than {names[0]} (means over seeds)")
+                         f" than {names[0]} ({over})")
         if mult:
             metrics = [("OOD answer-CE", lambda r: r["ood_ce"]), ("ID answer-CE", lambda r: r["id_ce"]),
                        ("MBE", lambda r: r["mbe"])]

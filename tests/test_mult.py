@@ -198,6 +198,12 @@ def test_experiment_table_reads_finished_runs_only(tmp_path, capsys):
     assert "| mult_gapt | 0 | -50.0% |" in out and "| mult_gapt | 1 | -50.0% |" in out  # paired, seed by seed
     assert "- mult_gapt (2 seeds): OOD answer-CE -50.0% ± 0.0% (beyond the spread)" in out
     assert "| run | 1x1 | 3x3 |" in out and "| mult_baseline | 100% | 5% |" in out  # per stratum, mean of seeds
+    fake_run("mult_baseline", 2, 100.0, "off")  # a seed only the baseline has does not enter the comparison
+    me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "1", "2",
+             "--configs", os.path.join(REPO, "config", "mult_baseline.py"), os.path.join(REPO, "config", "mult_gapt.py")])
+    out = capsys.readouterr().out
+    assert "| mult_baseline | 3 |" in out
+    assert "mult_gapt: OOD answer-CE 50.0% lower (better) than mult_baseline (means over the seeds both have: 0 1)" in out
 
 
 def test_experiment_rows_with_own_overrides_and_text_runs(tmp_path, capsys):
