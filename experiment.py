@@ -135,7 +135,7 @@ def paired_differences(results, metrics):
         if diffs:
             d = np.array(diffs)
             spread = d.std(0, ddof=1) if len(d) > 1 else np.zeros(len(metrics))
-            summary.append(f"- {name} ({len(d)} seeds): " + ", ".join(
+            summary.append(f"- {name} ({len(d)} seed{'s' if len(d) > 1 else ''}): " + ", ".join(
                 f"{label} {m:+.1f}% ± {s:.1f}%" + (" (beyond the spread)" if len(d) > 1 and abs(m) > s else "")
                 for (label, _), m, s in zip(metrics, d.mean(0), spread)))
     return lines + [""] + summary
