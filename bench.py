@@ -37,7 +37,9 @@ import torch
 from mbe import mbe, patched_mbe
 from model import GPT, GPTConfig
 from shards import read_meta
-from train import GAPT, ConfigError, build_optimizers, compression_loss, layer_selection, load_config, setup_compute
+from configurator import ConfigError
+from system import setup_compute
+from train import GAPT, compression_loss, layers_mbe, load_config, regularised_layers
 
 BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1, "nanogpt_dir": "",
                "mbe_compiled": -1}
@@ -115,13 +117,15 @@ def main(argv):
         c.device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if c.device.startswith("cuda") else c.device.split(":")[0]
     ptdtype, autocast = setup_compute(c, device_type)
-    vocab_size = c.vocab_size or read_meta(c.data_dir).get("vocab_size", 50304)
+    meta = read_meta(c.data_dir) if os.path.isdir(c.data_dir) else {}
+    vocab_size = c.vocab_size or meta.get("vocab_size", 50304)
     torch.manual_seed(c.seed)
     model = GPT(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                           n_embd=c.n_embd, dropout=c.dropout, bias=c.bias)).to(c.device)
-    optimizers = build_optimizers(model, c, device_type)  # the config's optimizer: AdamW, or Muon + AdamW
+    optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
+                                            muon=c.optimizer == "muon")  # the config's: AdamW, or Muon + AdamW
     forward = torch.compile(model) if c.compile else model
-    layer_select, _ = layer_selection(c.mbe_layers, c.n_layer, c.device)
+    layers = regularised_layers(c.mbe_layers, c.n_layer)
     whole = SimpleNamespace(**{**vars(c), "mbe_patch_size": 0})
     gapt = GAPT()
     x = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
@@ -140,9 +144,9 @@ def main(argv):
         with autocast:
             _, ce, hidden = forward(x, y, return_hidden=variant.startswith("compress"))
         if variant == "compress":
-            return compression_loss(ce, hidden, c, layer_select, 0)[0], ce
+            return compression_loss(ce, layers_mbe(hidden, layers, c), c, 0), ce
         if variant == "compress_whole":
-            return compression_loss(ce, hidden, whole, layer_select, 0)[0], ce
+            return compression_loss(ce, layers_mbe(hidden, layers, whole), whole, 0), ce
         return ce, ce
 
     def train_step(variant):
@@ -175,7 +179,7 @@ def main(argv):
 
     # MBE alone: forward + backward of the regularised layers' patched MBE, as in a compression step
     with torch.no_grad(), autocast:
-        hidden = forward(x, y)[2][layer_select].detach()
+        hidden = forward(x, y, return_hidden=True)[2][layers[0]:layers[-1] + 1].detach()
     hidden.requires_grad_(True)
 
     def mbe_only(mbe_fn=patched_mbe):

@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from model import GPT, GPTConfig, save_hf_folder
+from hub import save_hf_folder
+from model import GPT, GPTConfig
 
 
 def main(argv=None):
@@ -26,7 +27,7 @@ def main(argv=None):
     path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         sys.exit(f"error: {path} does not exist; pass the out_dir of a trained run")
-    from train import CheckpointError, load_checkpoint
+    from checkpoint import CheckpointError, load_checkpoint
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as e:

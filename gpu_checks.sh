@@ -12,7 +12,7 @@
 set -u
 RESULTS=${1:-out-gpu}
 mkdir -p "$RESULTS"
-export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=4294967296  # the value train.py would restart itself to set
+export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }

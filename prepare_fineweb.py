@@ -5,20 +5,23 @@ Tokenize FineWeb (or any text in its schema) with GPT-2's BPE into train.py's to
     python prepare_fineweb.py --num_tokens=2100000000              # stop after ~2.1B tokens (config/fineweb_*.py)
     python prepare_fineweb.py --local_files ../shared/corpora/python_docs.jsonl --out_dir=data/python_docs \\
         --shard_size=1000000 --val_tokens=200000                   # local parquet/jsonl files with a `text` column
-    python prepare_fineweb.py --local_files ../shared/corpora/kernel_docs.jsonl --out_dir=data/kernel_docs \
-        --shard_size=10000000 --val_tokens=400000 --shuffle_seed=0  # a random set of whole documents held out
+    python prepare_fineweb.py --local_files ../shared/corpora/kernel_docs.jsonl --out_dir=data/kernel_docs \\
+        --shard_size=10000000 --val_tokens=400000 --test_tokens=400000 --shuffle_seed=0  # random held-out documents
 
 Each document is prefixed by <|endoftext|> (50256) and tokenized with tiktoken's r50k_base (exactly GPT-2's BPE), in
 parallel over all cores. The first documents go to val_000000.bin, whole (at least --val_tokens tokens, up to the end
-of the document that crosses that count), so validation text is held out by document; the rest go to
-train_000001.bin, ... of --shard_size tokens each (the last one may be shorter). tiktoken downloads the BPE on first
-use: offline, set TIKTOKEN_CACHE_DIR to a folder that holds it. --shuffle_seed shuffles the documents first (a fixed
-permutation, so a restart sees the same order): the validation documents are then a random sample, not the first
-files of a corpus sorted by path. Every shard is written to a temporary name and renamed, with
-a small sidecar that says where in the document stream it ended, so an interrupted run restarts after its last
-complete shard and writes byte-identical output. The ready-made GPT-2-tokenized FineWeb shards of modded-nanogpt /
-llm.c (fineweb_train_*.bin, fineweb_val_*.bin) use the same format: rename them to train_*.bin / val_*.bin (or link
-them) and they load unchanged.
+of the document that crosses that count), so validation text is held out by document; with --test_tokens the next
+whole documents go to test_000000.bin the same way; the rest go to train_000001.bin, ... of --shard_size tokens each
+(the last one may be shorter). meta.json gives the vocabulary and each split's token count. tiktoken downloads the
+BPE on first use: offline, set TIKTOKEN_CACHE_DIR to a folder that holds it. --shuffle_seed shuffles the documents
+first (a fixed permutation, so a restart sees the same order): the held-out documents are then a random sample, not
+the first files of a corpus sorted by path. Local .jsonl files hold one JSON object with a "text" string per line;
+every line is checked before anything is written. Every shard is written to a temporary name and renamed, with a
+small sidecar that says where in the document stream it ended, so an interrupted run restarts after its last complete
+shard and writes byte-identical output. prepare.json, written before the first shard, records the inputs (files and
+their sizes, or the hub dataset) and settings: a rerun with other ones stops rather than mix two datasets in out_dir.
+The ready-made GPT-2-tokenized FineWeb shards of modded-nanogpt / llm.c (fineweb_train_*.bin, fineweb_val_*.bin) use
+the same format: rename them to train_*.bin / val_*.bin (or link them) and they load unchanged.
 """
 
 import argparse
@@ -32,7 +35,7 @@ import time
 
 import numpy as np
 
-from shards import write_shard
+from shards import read_shard, write_shard
 
 EOT = 50256  # <|endoftext|> in GPT-2's vocabulary
 ENCODING = "r50k_base"  # GPT-2's BPE (same ranks, pattern and special token as tiktoken's "gpt2")
@@ -79,56 +82,149 @@ def tokenize(text):
     return tokens.astype(np.uint16)
 
 
-def load_documents(args):
-    """An iterable of documents (dicts with a 'text' field), from local files or from the Hugging Face hub."""
+def local_paths(args):
+    """The --local_files (globs expanded), sorted; exits if one is missing or they mix formats."""
+    files = sorted(f for pattern in args.local_files for f in (glob.glob(pattern) or [pattern]))
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        sys.exit(f"error: --local_files: {', '.join(missing)} not found")
+    kinds = {os.path.splitext(f)[1] for f in files}
+    if not (kinds <= {".parquet"} or kinds <= {".jsonl", ".json"}):
+        sys.exit(f"error: --local_files must all be .parquet or all .jsonl/.json, got {sorted(kinds)}")
+    return files
+
+
+def jsonl_text(path, number, line):
+    """The "text" of one line of a .jsonl file; exits with the file and line if the line has none."""
+    where = f"{path} line {number}"
+    fix = "fix or remove that line (each line must be one JSON object with a \"text\" string)"
+    try:
+        doc = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {where}: byte 0x{line[e.start]:02x} at column {e.start + 1} is not UTF-8; save the file "
+                 f"as UTF-8, or remove that line")
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {where} is not JSON ({e.msg} at column {e.colno}); {fix}")
+    if not isinstance(doc, dict):
+        sys.exit(f"error: {where} is not a JSON object; {fix}")
+    if "text" not in doc:
+        sys.exit(f"error: {where} has no \"text\" field (fields: {', '.join(doc)[:100]}); {fix}")
+    if not isinstance(doc["text"], str):
+        sys.exit(f"error: {where} has \"text\": {json.dumps(doc['text'])[:40]}, not a string; {fix}")
+    return doc["text"]
+
+
+def index_jsonl(files):
+    """Checks every line of the .jsonl files before anything is written; returns each document's file number and
+    byte offset. Blank lines are skipped, as Hugging Face's json loader did."""
+    file_of_doc, offset_of_doc = [], []
+    for i, path in enumerate(files):
+        count, offset = len(offset_of_doc), 0
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    jsonl_text(path, number, line)
+                    file_of_doc.append(i)
+                    offset_of_doc.append(offset)
+                offset += len(line)
+        if len(offset_of_doc) == count:
+            sys.exit(f"error: {path} holds no documents; remove it from --local_files or write one JSON object with "
+                     f"a \"text\" string per line into it")
+    return np.array(file_of_doc), np.array(offset_of_doc)
+
+
+def read_jsonl(files, file_of_doc, offset_of_doc, order):
+    """The texts of the documents in `order`, read again at the byte offsets index_jsonl found."""
+    handles = [open(path, "rb") for path in files]
+    for i in order:
+        f = handles[file_of_doc[i]]
+        f.seek(offset_of_doc[i])
+        yield json.loads(f.readline().decode("utf-8"))["text"]
+
+
+def load_texts(args, files, skip):
+    """The documents' texts in the order they are sharded, from document `skip` on (those before are done)."""
+    if files and not files[0].endswith(".parquet"):
+        file_of_doc, offset_of_doc = index_jsonl(files)
+        order = np.arange(len(offset_of_doc))
+        if args.shuffle_seed >= 0:  # the permutation of datasets' Dataset.shuffle(seed=...), as for parquet
+            order = np.random.default_rng(args.shuffle_seed).permutation(len(order))
+        return read_jsonl(files, file_of_doc, offset_of_doc, order[skip:])
     import datasets
-    if args.local_files:
-        files = sorted(f for pattern in args.local_files for f in (glob.glob(pattern) or [pattern]))
-        missing = [f for f in files if not os.path.exists(f)]
-        if missing:
-            sys.exit(f"error: --local_files: {', '.join(missing)} not found")
-        kinds = {os.path.splitext(f)[1] for f in files}
-        builder = "parquet" if kinds <= {".parquet"} else "json" if kinds <= {".jsonl", ".json"} else None
-        if builder is None:
-            sys.exit(f"error: --local_files must all be .parquet or all .jsonl/.json, got {sorted(kinds)}")
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    if files:
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
         if "text" not in ds.column_names:
             sys.exit(f"error: the local files have no 'text' column (columns: {ds.column_names})")
-        return ds if args.shuffle_seed < 0 else ds.shuffle(seed=args.shuffle_seed)
-    try:
-        ds = datasets.load_dataset(args.dataset, name=args.name, split="train", streaming=args.streaming)
-    except Exception as e:  # no network, no such dataset, hub outage: say what to do instead of a traceback
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: could not load {args.dataset} ({args.name}) from the Hugging Face hub: {first_line}\n"
-                 f"Without network access, pass local parquet/jsonl files with a `text` column: --local_files ...")
-    if args.shuffle_seed < 0:
-        return ds
-    return ds.shuffle(seed=args.shuffle_seed, **({"buffer_size": 10_000} if args.streaming else {}))
+        if args.shuffle_seed >= 0:
+            ds = ds.shuffle(seed=args.shuffle_seed)
+    else:
+        try:
+            ds = datasets.load_dataset(args.dataset, name=args.name, split="train", streaming=args.streaming)
+        except Exception as e:  # no network, no such dataset, hub outage: say what to do instead of a traceback
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            sys.exit(f"error: could not load {args.dataset} ({args.name}) from the Hugging Face hub: {first_line}\n"
+                     f"Without network access, pass local parquet/jsonl files with a `text` column: --local_files ...")
+        if args.shuffle_seed >= 0:
+            ds = ds.shuffle(seed=args.shuffle_seed, **({"buffer_size": 10_000} if args.streaming else {}))
+    return (doc["text"] for doc in itertools.islice(iter(ds), skip, None))
 
 
-def shard_name(index):
-    return f"val_{index:06d}.bin" if index == 0 else f"train_{index:06d}.bin"
+def shard_name(index, test_split=False):
+    """val_000000.bin, then test_000000.bin if there is a test split, then train_000001.bin, train_000002.bin, ..."""
+    if index == 0:
+        return "val_000000.bin"
+    if test_split:
+        return "test_000000.bin" if index == 1 else f"train_{index - 1:06d}.bin"
+    return f"train_{index:06d}.bin"
 
 
-def completed_shards(out_dir):
+def completed_shards(out_dir, test_split):
     """The shards already written (consecutive from 0, each with its sidecar), and where the last one ended."""
     done, resume = 0, {"docs": 0, "offset": 0, "tokens": 0}
     while True:
-        sidecar = os.path.join(out_dir, shard_name(done) + ".json")
-        if not (os.path.exists(sidecar) and os.path.exists(os.path.join(out_dir, shard_name(done)))):
+        path = os.path.join(out_dir, shard_name(done, test_split))
+        if not (os.path.exists(path + ".json") and os.path.exists(path)):
             return done, resume
-        with open(sidecar) as f:
+        with open(path + ".json") as f:
             resume = json.load(f)
         done += 1
 
 
-def write_shard_with_sidecar(out_dir, index, tokens, position):
-    path = os.path.join(out_dir, shard_name(index))
-    write_shard(path, tokens)
-    tmp = path + ".json.tmp"
+def split_tokens(out_dir, split):
+    return sum(len(read_shard(path)) for path in glob.glob(os.path.join(out_dir, f"{split}_*.bin")))
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(position, f)
-    os.replace(tmp, path + ".json")
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def write_shard_with_sidecar(path, tokens, position):
+    write_shard(path, tokens)
+    write_json(path + ".json", position)
+
+
+def check_request(out_dir, request):
+    """Exits if out_dir holds shards prepared from other inputs or settings: continuing them would mix two datasets."""
+    path = os.path.join(out_dir, "prepare.json")
+    has_shards = bool(glob.glob(os.path.join(out_dir, "*.bin")))
+    afresh = f"delete {out_dir} or choose another --out_dir to start afresh"
+    if not os.path.exists(path):
+        if has_shards:
+            sys.exit(f"error: {out_dir} holds token shards but no prepare.json saying what they were prepared from "
+                     f"(an older prepare_fineweb.py or another script wrote them), so this run cannot continue them; "
+                     f"{afresh}")
+        return
+    with open(path) as f:
+        recorded = json.load(f)
+    changed = [f"{key}={request[key]} (was {recorded.get(key)})" if key != "source" else
+               "the input: local files and their sizes, or the hub dataset" for key in request
+               if recorded.get(key) != request[key]]
+    if changed and has_shards:
+        sys.exit(f"error: {out_dir} was prepared from other inputs or settings ({', '.join(changed)}; see {path}), and "
+                 f"continuing it would mix two datasets; {afresh}, or rerun with the arguments it was prepared with")
 
 
 def main(argv=None):
@@ -136,39 +232,57 @@ def main(argv=None):
     parser.add_argument("--dataset", default="HuggingFaceFW/fineweb")
     parser.add_argument("--name", default="sample-10BT", help="the dataset config (sample-10BT, sample-100BT, ...)")
     parser.add_argument("--streaming", action="store_true", help="stream from the hub instead of downloading first")
-    parser.add_argument("--local_files", nargs="+", help="local .parquet or .jsonl files (or globs) with a text column")
+    parser.add_argument("--local_files", nargs="+",
+                        help="local .parquet files with a text column, or .jsonl files with one JSON object with a "
+                             "\"text\" string per line (or globs)")
     parser.add_argument("--out_dir", default="data/fineweb")
     parser.add_argument("--num_tokens", type=int, default=0, help="stop after about this many tokens (0: all)")
     parser.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per train shard")
     parser.add_argument("--val_tokens", type=int, default=0,
                         help="at least this many tokens of whole documents in val_000000.bin (0: --shard_size)")
+    parser.add_argument("--test_tokens", type=int, default=0,
+                        help="at least this many tokens of whole documents in test_000000.bin (0: no test split)")
     parser.add_argument("--shuffle_seed", type=int, default=-1,
                         help="shuffle the documents with this seed before sharding (-1: keep their order)")
     parser.add_argument("--num_proc", type=int, default=max(1, os.cpu_count() or 1))
     args = parser.parse_args(argv)
-    if args.shard_size <= 0 or args.val_tokens < 0 or args.num_tokens < 0:
-        parser.error("--shard_size must be positive, --val_tokens and --num_tokens non-negative")
-    val_tokens = args.val_tokens or args.shard_size
+    if args.shard_size <= 0 or min(args.val_tokens, args.test_tokens, args.num_tokens) < 0:
+        parser.error("--shard_size must be positive, --val_tokens, --test_tokens and --num_tokens non-negative")
+    held_out = [args.val_tokens or args.shard_size] + ([args.test_tokens] if args.test_tokens else [])
+    test_split = args.test_tokens > 0
+    files = local_paths(args) if args.local_files else None
+    source = ({"local_files": [[os.path.abspath(f), os.path.getsize(f)] for f in files]} if files else
+              {"dataset": args.dataset, "name": args.name, "streaming": args.streaming})
+    request = {"source": source, "tokenizer": ENCODING, "num_tokens": args.num_tokens, "shard_size": args.shard_size,
+               "val_tokens": held_out[0], "test_tokens": args.test_tokens, "shuffle_seed": args.shuffle_seed}
     os.makedirs(args.out_dir, exist_ok=True)
+    check_request(args.out_dir, request)
     for stale in glob.glob(os.path.join(args.out_dir, "*.tmp*")):  # left by an interrupted write
         os.remove(stale)
+    done, position = completed_shards(args.out_dir, test_split)
+    meta_path = os.path.join(args.out_dir, "meta.json")
+    if done and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("shards") == done:
+            print(f"{args.out_dir} is complete: {done} shards, {meta['tokens']:,} tokens; nothing to do")
+            return
 
     global _encoder
     _encoder, error = load_encoder()  # once, here, before any worker starts
     if _encoder is None:
         sys.exit(f"error: {error}")
-    documents = load_documents(args)
-    done, position = completed_shards(args.out_dir)
+    texts = load_texts(args, files, position["docs"])  # local .jsonl files are checked line by line here
+    write_json(os.path.join(args.out_dir, "prepare.json"), request)  # before the first shard
     if done:
         print(f"{done} complete shard(s) found in {args.out_dir}; continuing after document {position['docs']}")
     total = position["tokens"]
-    docs = itertools.islice(iter(documents), position["docs"], None)
-    texts = (doc["text"] for doc in docs)
     skip_first = position["offset"]  # tokens of the next document that the last shard already holds
 
     from tqdm import tqdm
     progress = tqdm(total=args.num_tokens or None, initial=total, unit="tok", unit_scale=True, desc="tokens")
-    index, capacity = done, (val_tokens if done == 0 else args.shard_size)
+    index = done
+    capacity = held_out[index] if index < len(held_out) else args.shard_size
     buffer, filled = np.empty(capacity, dtype=np.uint16), 0
     doc_index = position["docs"]
     pool = mp.Pool(args.num_proc, initializer=_init_worker) if args.num_proc > 1 else None
@@ -180,7 +294,7 @@ def main(argv=None):
             while len(tokens):
                 if args.num_tokens and total >= args.num_tokens:
                     break
-                if index == 0 and len(tokens) > capacity - filled:  # the val shard holds whole documents
+                if index < len(held_out) and len(tokens) > capacity - filled:  # val and test hold whole documents
                     capacity = filled + len(tokens)
                     buffer = np.concatenate([buffer[:filled], np.empty(len(tokens), dtype=np.uint16)])
                 take = min(len(tokens), capacity - filled)
@@ -192,32 +306,31 @@ def main(argv=None):
                 if filled == capacity:
                     # the next shard starts in this document at `offset`, or at the next document
                     ends_doc = len(tokens) == 0
-                    write_shard_with_sidecar(args.out_dir, index, buffer, {
+                    write_shard_with_sidecar(os.path.join(args.out_dir, shard_name(index, test_split)), buffer, {
                         "docs": doc_index + 1 if ends_doc else doc_index, "offset": 0 if ends_doc else offset,
                         "tokens": total})
-                    index, capacity, filled = index + 1, args.shard_size, 0
+                    index, filled = index + 1, 0
+                    capacity = held_out[index] if index < len(held_out) else args.shard_size
                     buffer = np.empty(capacity, dtype=np.uint16)
             doc_index += 1
             if args.num_tokens and total >= args.num_tokens:
                 break
         if filled:
-            write_shard_with_sidecar(args.out_dir, index, buffer[:filled],
+            write_shard_with_sidecar(os.path.join(args.out_dir, shard_name(index, test_split)), buffer[:filled],
                                      {"docs": doc_index, "offset": 0, "tokens": total})
             index += 1
     finally:
         if pool:
             pool.terminate()
         progress.close()
-    if index < 2:
-        print(f"warning: only {index} shard written ({total:,} tokens): training needs a val and a train shard "
-              f"(lower --val_tokens); an evaluation-only directory (train.py's eval_data_dirs) needs just this one",
-              file=sys.stderr)
+    if index <= len(held_out):
+        print(f"warning: only {index} shard(s) written ({total:,} tokens), no train shard: training needs one (lower "
+              f"--val_tokens or --test_tokens); an evaluation-only directory (train.py's eval_data_dirs) needs just "
+              f"val_000000.bin", file=sys.stderr)
     meta = {"vocab_size": EOT + 1, "tokenizer": ENCODING, "eot_token": EOT, "tokens": total, "shards": index,
+            **{f"{split}_tokens": split_tokens(args.out_dir, split) for split in ("train", "val", "test")},
             "source": args.local_files or f"{args.dataset}/{args.name}", "shuffle_seed": args.shuffle_seed}
-    tmp = os.path.join(args.out_dir, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, os.path.join(args.out_dir, "meta.json"))
+    write_json(meta_path, meta)
     print(f"{args.out_dir}: {index} shards, {total:,} tokens ({index - done} shard(s) written by this run)")
 
 

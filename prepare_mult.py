@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards import write_shard
+from shards import DataError, write_shard
 
 VOCAB = "0123456789*=\n"
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
@@ -199,9 +199,12 @@ def answer_metrics(model, problems, reverse_answer=False, device="cpu", batch_si
     return {"answer_ce": total_nll / total_tokens, "exact": float(correct.mean()), "exact_by_digits": by_digits}
 
 
-def make_evaluator(data_dir, meta, device):
+def make_evaluator(data_dir, meta, device, block_size):
     """The task evaluation train.py runs at every eval: ID and OOD answer CE and exact match (never used to steer
     training: model selection uses the ID validation CE)."""
+    if block_size < meta["eval_block_size"]:
+        raise DataError(f"block_size {block_size} is shorter than the longest evaluation problem of {data_dir} "
+                        f"({meta['eval_block_size']} tokens); raise block_size")
     def evaluate(model):
         out = {}
         for split in ("id", "ood"):

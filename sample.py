@@ -16,7 +16,8 @@ import os
 
 import torch
 
-from model import GPT, GPTConfig, PretrainedError, from_pretrained
+from hub import PretrainedError, from_pretrained
+from model import GPT, GPTConfig
 from shards import read_meta
 
 
@@ -50,7 +51,7 @@ def main(argv=None):
         model = GPT(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(checkpoint["model"])
         data_dir = args.data_dir or checkpoint["config"]["data_dir"]
-        meta = read_meta(data_dir)
+        meta = read_meta(data_dir) if os.path.isdir(data_dir) else {}
     model.eval().to(args.device)
     torch.manual_seed(args.seed)
     if not meta:

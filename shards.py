@@ -37,6 +37,11 @@ def read_shard(path, hint="run the prepare script for this data again (prepare_m
     """Memory-map a shard's tokens after checking its header; a clear DataError says what is wrong."""
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if size < HEADER_INTS * 4 and (len(header) == 0 or header[0] == SHARD_MAGIC):
+        promised = (f" and 2 bytes for each of the {header[2]} tokens its header promises "
+                    f"({HEADER_INTS * 4 + 2 * int(header[2])} bytes in all)" if len(header) >= 3 else "")
+        raise DataError(f"{path} is truncated: it has {size} bytes, but a shard needs a {HEADER_INTS * 4}-byte header"
+                        f"{promised}; {hint}")
     if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
         raise DataError(f"{path} is not a token shard (bad header magic {header[0] if len(header) else None}, "
                         f"expected {SHARD_MAGIC}); {hint}")
@@ -51,18 +56,25 @@ def read_shard(path, hint="run the prepare script for this data again (prepare_m
 
 
 class TokenWindows:
-    """Random windows of block_size + 1 tokens from every shard of one split (train_*.bin or val_*.bin)."""
+    """Random windows of block_size + 1 tokens from every shard of one split (train_*.bin, val_*.bin or test_*.bin).
+    With vocab_size, every token id must be below it (one np.max per shard)."""
 
-    def __init__(self, data_dir, split, block_size):
+    def __init__(self, data_dir, split, block_size, vocab_size=None):
         paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
-        if not os.path.isdir(data_dir):
-            raise DataError(f"data directory {data_dir!r} does not exist; create it with `python prepare_mult.py` "
-                            f"or `python prepare_fineweb.py`, or set --data_dir")
+        check_data_dir(data_dir)
         if not paths:
+            how = " --test_tokens=N" if split == "test" else ""
             raise DataError(f"no {split}_*.bin shards in {data_dir!r}; run `python prepare_mult.py` or "
-                            f"`python prepare_fineweb.py` for it, or point --data_dir at a prepared directory")
+                            f"`python prepare_fineweb.py{how}` for it, or point --data_dir at a prepared directory")
         self.block_size = block_size
         self.shards = [read_shard(p) for p in paths]
+        if vocab_size:  # an id >= vocab_size would be an IndexError deep in the embedding
+            for path, shard in zip(paths, self.shards):
+                largest = int(shard.max()) if len(shard) else 0
+                if largest >= vocab_size:
+                    raise DataError(f"{path} holds token id {largest}, but vocab_size is {vocab_size}; prepare the "
+                                    f"data again with a tokenizer of at most {vocab_size} ids, or raise vocab_size to "
+                                    f"at least {largest + 1}")
         self.starts = np.array([max(len(s) - block_size, 0) for s in self.shards])  # valid window starts per shard
         self.cum_starts = np.cumsum(self.starts)
         if self.cum_starts[-1] == 0:
@@ -83,9 +95,24 @@ class TokenWindows:
         return rows[:, :-1], rows[:, 1:]
 
 
+def check_data_dir(data_dir):
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir!r} does not exist; create it with `python prepare_mult.py` "
+                        f"or `python prepare_fineweb.py`, or set --data_dir")
+
+
 def read_meta(data_dir):
+    check_data_dir(data_dir)
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return json.load(f)
+        try:
+            meta = json.load(f)
+        except ValueError as e:
+            raise DataError(f"{path} is not valid JSON ({e}); run the prepare script for this data again "
+                            f"(prepare_mult.py or prepare_fineweb.py)")
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is not a JSON object; run the prepare script for this data again "
+                        f"(prepare_mult.py or prepare_fineweb.py)")
+    return meta

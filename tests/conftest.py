@@ -31,10 +31,7 @@ TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
 
 def run_train(*args, check=True, env=None, timeout=600, launcher=None):
     """Run `python train.py ARGS` (or a launcher such as torchrun) in the repo; returns the CompletedProcess."""
-    # MALLOC_MMAP_THRESHOLD_ set here spares train.py its restart (a second Python start) in every test run;
-    # experiment.py's tests start train.py without it, so the restart path is run too
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "MALLOC_MMAP_THRESHOLD_": str(2 ** 32), **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = (launcher or [sys.executable]) + [os.path.join(REPO, "train.py"), *args]
     result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

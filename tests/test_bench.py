@@ -43,14 +43,14 @@ def test_bench_times_the_mbe_under_torch_compile(token_data):
 def test_bench_steps_the_configs_optimizer(token_data, monkeypatch):
     """With optimizer="muon" every timed step runs Muon on the blocks' matrices and AdamW on the rest."""
     import bench
-    from train import build_optimizers
-    calls = []
+    from model import GPT
+    calls, configure = [], GPT.configure_optimizers
 
-    def recording(model, c, device_type):
-        optimizers = build_optimizers(model, c, device_type)
+    def recording(model, *args, **kwargs):
+        optimizers = configure(model, *args, **kwargs)
         calls.append([type(o).__name__ for o in optimizers])
         return optimizers
-    monkeypatch.setattr(bench, "build_optimizers", recording)
+    monkeypatch.setattr(GPT, "configure_optimizers", recording)
     bench.main(["--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--num_threads=1",
                 f"--data_dir={token_data}", "--steps=1", "--warmup=1", "--alpha_shape=", "--optimizer=muon"])
     assert calls == [["Muon", "AdamW"]]

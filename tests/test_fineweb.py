@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, read_log, run_train
-from shards import read_shard
+from shards import TokenWindows, read_shard, write_shard
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(REPO), "shared", "tiktoken_cache"))
 pa = pytest.importorskip("pyarrow")
@@ -56,9 +56,16 @@ def prepare(files, out_dir, *extra):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def write_jsonl(path, docs):
+    with open(path, "w") as f:
+        f.write("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return str(path)
+
+
 def shard_tokens(out_dir):
-    paths = sorted(glob.glob(os.path.join(out_dir, "val_*.bin"))) + sorted(glob.glob(os.path.join(out_dir, "train_*.bin")))
-    return [np.array(read_shard(p)) for p in paths]
+    """Every shard's tokens in document order: val, test (if any), train."""
+    return [np.array(read_shard(p)) for split in ("val", "test", "train")
+            for p in sorted(glob.glob(os.path.join(out_dir, f"{split}_*.bin")))]
 
 
 def digests(out_dir):
@@ -77,6 +84,15 @@ def fineweb(tmp_path_factory):
     result = prepare(files, out, "--num_proc=2")
     assert result.returncode == 0, result.stderr
     return docs, files, out
+
+
+@pytest.fixture(scope="module")
+def fineweb_test_split(fineweb, tmp_path_factory):
+    _, files, _ = fineweb
+    out = str(tmp_path_factory.mktemp("fineweb_test_split") / "shards")
+    result = prepare(files, out, "--num_proc=1", "--test_tokens=1500")
+    assert result.returncode == 0, result.stderr
+    return out
 
 
 def test_shards_hold_every_document_after_an_eot(fineweb):
@@ -99,39 +115,59 @@ def test_shards_hold_every_document_after_an_eot(fineweb):
     assert decoded == ["<|endoftext|>" + d for d in docs]
 
 
+def test_test_split_holds_the_next_whole_documents(fineweb, fineweb_test_split):
+    _, _, out = fineweb
+    split_out = fineweb_test_split
+    val, test, *train = shard_tokens(split_out)
+    assert digests(split_out)["val_000000.bin"] == digests(out)["val_000000.bin"]  # the test split leaves val alone
+    # test_000000.bin: the documents after val's, whole, at least --test_tokens, up to the end of the one crossing it
+    last_doc = len(test) - np.flatnonzero(test == 50256)[-1]
+    assert test[0] == 50256 and 1500 <= len(test) < 1500 + last_doc and train[0][0] == 50256
+    assert all(len(s) == 3000 for s in train[:-1]) and os.path.exists(os.path.join(split_out, "train_000001.bin"))
+    # val, test and train are disjoint and together the same document stream as without a test split
+    assert np.array_equal(np.concatenate([val, test, *train]), np.concatenate(shard_tokens(out)))
+    meta = json.load(open(os.path.join(split_out, "meta.json")))
+    assert (meta["val_tokens"], meta["test_tokens"], meta["train_tokens"]) == (len(val), len(test),
+                                                                              sum(map(len, train)))
+    assert TokenWindows(split_out, "test", 32, vocab_size=meta["vocab_size"]).cum_starts[-1] == len(test) - 32
+
+
 def test_jsonl_gives_the_same_tokens(fineweb, tmp_path):
     docs, _, out = fineweb
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
-    result = prepare([str(path)], str(tmp_path / "shards"), "--num_proc=1")
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    result = prepare([path], str(tmp_path / "shards"), "--num_proc=1")
     assert result.returncode == 0, result.stderr
     assert digests(str(tmp_path / "shards")) == digests(out)
 
 
-def test_restart_after_interruption_is_byte_identical(fineweb, tmp_path, monkeypatch):
-    _, files, out = fineweb
+def test_restart_after_interruption_is_byte_identical(fineweb, fineweb_test_split, tmp_path, monkeypatch):
+    _, files, _ = fineweb
     target = str(tmp_path / "interrupted")
     real_write = pf.write_shard_with_sidecar
     written = []
 
-    def crash_after_two(out_dir, index, tokens, position):
-        if len(written) == 2:
-            with open(os.path.join(out_dir, pf.shard_name(index)) + ".tmp123", "wb") as f:
+    def crash_after_three(path, tokens, position):
+        if len(written) == 3:
+            with open(path + ".tmp123", "wb") as f:
                 f.write(b"half a shard")  # what a kill in the middle of a write leaves
             raise KeyboardInterrupt
-        real_write(out_dir, index, tokens, position)
-        written.append(index)
+        real_write(path, tokens, position)
+        written.append(path)
 
-    args = ["--local_files", *files, f"--out_dir={target}", "--shard_size=3000", "--val_tokens=1500", "--num_proc=1"]
-    monkeypatch.setattr(pf, "write_shard_with_sidecar", crash_after_two)
+    args = ["--local_files", *files, f"--out_dir={target}", "--shard_size=3000", "--val_tokens=1500",
+            "--test_tokens=1500", "--num_proc=1"]
+    monkeypatch.setattr(pf, "write_shard_with_sidecar", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         pf.main(args)
-    assert sorted(os.listdir(target)) == ["train_000001.bin", "train_000001.bin.json", "train_000002.bin.tmp123",
+    assert sorted(os.listdir(target)) == ["prepare.json", "test_000000.bin", "test_000000.bin.json",
+                                          "train_000001.bin", "train_000001.bin.json", "train_000002.bin.tmp123",
                                           "val_000000.bin", "val_000000.bin.json"]
     monkeypatch.setattr(pf, "write_shard_with_sidecar", real_write)
     pf.main(args)
     assert not glob.glob(os.path.join(target, "*.tmp*"))
-    assert digests(target) == digests(out)
+    assert digests(target) == digests(fineweb_test_split)
+    assert json.load(open(os.path.join(target, "meta.json"))) == json.load(open(os.path.join(fineweb_test_split,
+                                                                                              "meta.json")))
 
 
 def test_num_tokens_cap(fineweb, tmp_path):
@@ -142,14 +178,96 @@ def test_num_tokens_cap(fineweb, tmp_path):
 
 
 def test_shuffle_seed_permutes_documents_reproducibly(fineweb, tmp_path):
+    """The same permutation on every run, with a test split, and for jsonl (read by this script) as for parquet
+    (read through Hugging Face datasets)."""
     docs, files, out = fineweb
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    for target in (a, b):
-        assert prepare(files, target, "--num_proc=1", "--shuffle_seed=3").returncode == 0
+    assert prepare(files, a, "--num_proc=1", "--shuffle_seed=3", "--test_tokens=1500").returncode == 0
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", docs)
+    assert prepare([jsonl], b, "--num_proc=1", "--shuffle_seed=3", "--test_tokens=1500").returncode == 0
     assert digests(a) == digests(b) and digests(a) != digests(out)
     assert sorted(map(len, np.split(np.concatenate(shard_tokens(a)), np.flatnonzero(
         np.concatenate(shard_tokens(a)) == 50256)[1:]))) == sorted(map(len, np.split(np.concatenate(
             shard_tokens(out)), np.flatnonzero(np.concatenate(shard_tokens(out)) == 50256)[1:])))
+
+
+def exit_message(argv):
+    """main(argv)'s one-line error: what `python prepare_fineweb.py ARGV` prints before exiting with status 1."""
+    with pytest.raises(SystemExit) as e:
+        pf.main(argv)
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    return message
+
+
+@needs_bpe
+def test_a_rerun_continues_only_the_inputs_and_settings_it_was_prepared_from(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", make_documents(40, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", make_documents(40, seed=2))
+    out = str(tmp_path / "out")
+    settings = [f"--out_dir={out}", "--shard_size=3000", "--val_tokens=1500", "--num_proc=1"]
+    pf.main(["--local_files", a, *settings])
+    complete = digests(out)
+    assert len(complete) >= 3 and json.load(open(os.path.join(out, "prepare.json")))["source"] == {
+        "local_files": [[os.path.abspath(a), os.path.getsize(a)]]}
+    last = max(name for name in complete if name.startswith("train_"))
+    for name in ("meta.json", last, last + ".json"):  # as an interrupted run leaves it
+        os.remove(os.path.join(out, name))
+    for argv in (["--local_files", b, *settings], ["--local_files", a, *settings, "--shard_size=2000"],
+                 ["--local_files", a, b, *settings], ["--local_files", a, *settings, "--test_tokens=1000"]):
+        message = exit_message(argv)
+        assert "mix two datasets" in message and f"delete {out} or choose another --out_dir" in message
+    assert "shard_size=2000 (was 3000)" in exit_message(["--local_files", a, *settings, "--shard_size=2000"])
+    with open(a, "a") as f:  # the same file, grown: another corpus
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    assert "the input: local files and their sizes" in exit_message(["--local_files", a, *settings])
+    with open(a, "r+") as f:
+        f.truncate(os.path.getsize(a) - len(json.dumps({"text": "one more document"}) + "\n"))
+    capsys.readouterr()
+    pf.main(["--local_files", a, *settings])  # the same inputs: it continues, byte-identical
+    assert "continuing after document" in capsys.readouterr().out and digests(out) == complete
+    pf.main(["--local_files", a, *settings])  # complete: nothing to do
+    assert "is complete" in capsys.readouterr().out and digests(out) == complete
+
+
+def test_shards_without_a_record_of_their_inputs_are_not_continued(tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl", ["a document"])
+    out = tmp_path / "out"
+    out.mkdir()
+    write_shard(str(out / "val_000000.bin"), np.arange(10))  # e.g. prepared by an older prepare_fineweb.py
+    message = exit_message(["--local_files", docs, f"--out_dir={out}", "--num_proc=1"])
+    assert "no prepare.json" in message and f"delete {out} or choose another --out_dir" in message
+    assert sorted(os.listdir(out)) == ["val_000000.bin"]
+
+
+@needs_bpe
+@pytest.mark.parametrize("content, where, problem", [
+    (b"", "", "holds no documents"),
+    (b'{"text": "fine"}\n{"text": "broken\n', " line 2", "is not JSON"),
+    (b'{"text": "fine"}\n{"body": "no text"}\n', " line 2", 'has no "text" field'),
+    (b'{"text": "fine"}\n\n{"text": null}\n', " line 3", 'has "text": null, not a string'),
+    (b'{"text": "fine"}\n["text"]\n', " line 2", "is not a JSON object"),
+    (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', " line 2", "byte 0xe9 at column 14 is not UTF-8"),
+])
+def test_a_bad_jsonl_line_is_one_error_naming_the_file_and_line_before_any_shard(tmp_path, content, where, problem):
+    good = write_jsonl(tmp_path / "a.jsonl", make_documents(30, seed=1))  # enough for shards before the bad file
+    bad = tmp_path / "b.jsonl"
+    bad.write_bytes(content)
+    out = tmp_path / "out"
+    message = exit_message(["--local_files", good, str(bad), f"--out_dir={out}", "--shard_size=500",
+                            "--val_tokens=500", "--num_proc=1"])
+    assert message.startswith(f"error: {bad}{where}") and problem in message
+    assert "remove" in message  # and says what to do
+    assert os.listdir(out) == []  # nothing written that a rerun could continue
+
+
+@needs_bpe
+def test_a_bad_jsonl_line_exits_cleanly_from_the_command_line(tmp_path):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken}\n')
+    result = prepare([str(bad)], str(tmp_path / "out"), "--num_proc=1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad} line 2 is not JSON")
 
 
 def test_missing_bpe_stops_at_once_with_advice(tmp_path):

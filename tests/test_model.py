@@ -13,7 +13,7 @@ def tiny(**kw):
 def test_forward_returns_logits_loss_and_every_blocks_residual_stream():
     model = tiny()
     x = torch.randint(32, (2, 16))
-    logits, loss, hidden = model(x, x)
+    logits, loss, hidden = model(x, x, return_hidden=True)
     assert logits.shape == (2, 16, 32) and hidden.shape == (3, 2, 16, 16)
     # the hidden states are taken after each block and before the final LayerNorm
     assert torch.allclose(model.lm_head(model.transformer.ln_f(hidden[-1])), logits, atol=1e-5)
@@ -22,8 +22,9 @@ def test_forward_returns_logits_loss_and_every_blocks_residual_stream():
         manual = block(manual)
         assert torch.allclose(manual, hidden[layer], atol=1e-5)
     assert abs(loss.item() - math.log(32)) < 0.5  # near uniform at init
-    logits_only, no_loss, none = model(x, return_hidden=False)
+    logits_only, no_loss, none = model(x)  # the default: no residual streams stacked (generate, sample.py, eval)
     assert logits_only.shape == (2, 1, 32) and no_loss is None and none is None
+    assert model(x, x)[2] is None
 
 
 def test_gpt2_init_and_tied_embeddings():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, read_log, run_train
-from model import GPT, GPTConfig, PretrainedError, from_pretrained, load_pretrained_state, save_hf_folder
+from hub import PretrainedError, from_pretrained, load_pretrained_state, save_hf_folder
+from model import GPT, GPTConfig
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, bias=True, dropout=0.0)
 

@@ -1,0 +1,166 @@
+"""
+A run's out_dir: its checkpoint (ckpt.pt) and its log (log.jsonl). Reading, writing and resuming them, so that a run
+killed at any moment resumes exactly and a damaged file is one clear error. Not part of the algorithm: train.py
+calls these.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+
+import torch
+
+from configurator import ConfigError
+from hub import pretrained_config, pretrained_folder
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+CHECKPOINT_KEYS = ("model", "optimizers", "scaler", "model_args", "config", "iter_num", "best_val_loss", "gapt",
+                   "data_rng", "rng")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+def open_run(c, defaults):
+    """What train.py starts from, given c.init_from and c.out_dir: (the checkpoint to resume or evaluate, or None;
+    the folder of a pretrained GPT-2, or None), the model-shape keys of c set from either. The out_dir is locked for
+    this process first (one writer per run). Resuming drops the log records written after the checkpoint; a scratch
+    run into an out_dir that holds a run stops unless told to overwrite it; eval_only reads the run and writes
+    nothing."""
+    ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
+    if int(os.environ.get("RANK", 0)) == 0 and (not c.eval_only or os.path.isdir(c.out_dir)):
+        lock_out_dir(c.out_dir)
+    if c.init_from == "resume" or (c.eval_only and c.init_from == "scratch"):
+        if c.eval_only and not os.path.exists(ckpt_path):
+            raise CheckpointError(f"eval_only evaluates the run in out_dir, but {ckpt_path} does not exist; point "
+                                  f"--out_dir at a run (or evaluate OpenAI's GPT-2 with --init_from=gpt2)")
+        checkpoint = load_checkpoint(ckpt_path)
+        adopt_model_shape(c, {k: checkpoint["model_args"][k] for k in MODEL_KEYS}, defaults,
+                          f"the model in {ckpt_path}", "drop that setting to resume, or train it from scratch in "
+                          f"another out_dir")
+        if not c.eval_only and int(os.environ.get("RANK", 0)) == 0:
+            truncate_log(log_path, checkpoint["iter_num"])
+        return checkpoint, None
+    if not c.eval_only and any(os.path.exists(p) for p in (ckpt_path, log_path)):
+        if not c.overwrite_out_dir:
+            raise ConfigError(f"{c.out_dir} already holds a run (ckpt.pt / log.jsonl); resume it with "
+                              f"--init_from=resume, pick another --out_dir, or start it again with "
+                              f"--overwrite_out_dir=True (which deletes its checkpoint and log)")
+        if int(os.environ.get("RANK", 0)) == 0:
+            for path in (ckpt_path, log_path):
+                if os.path.exists(path):
+                    os.remove(path)
+    if c.init_from == "scratch":
+        return None, None
+    folder = pretrained_folder(c.init_from)  # OpenAI's GPT-2 (downloaded once) or a local Hub-layout folder
+    shape = pretrained_config(folder)
+    adopt_model_shape(c, {k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")}, defaults,
+                      f"the GPT-2 of init_from={c.init_from!r}", f"only block_size (up to {shape['block_size']}) and "
+                      f"dropout may differ from the pretrained model; drop that setting")
+    if c.block_size > shape["block_size"]:
+        raise ConfigError(f"block_size {c.block_size} is longer than {c.init_from}'s context ({shape['block_size']}); "
+                          f"use at most that")
+    return None, folder
+
+
+_held_locks = []  # the open lock files of this process: closing one would release its lock
+
+
+def lock_out_dir(out_dir):
+    """One writer per run: an exclusive lock on out_dir/lock for the life of this process (the OS releases it when the
+    process ends, however it ends). A second train.py on the same out_dir stops at once, naming the holder."""
+    import fcntl
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(os.path.join(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 2000, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise CheckpointError(f"{out_dir} is in use by {holder}; wait for that run to end (or stop it), or pick "
+                              f"another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                  f"({' '.join(sys.argv)})".encode(), 0)
+    _held_locks.append(fd)
+
+
+def load_checkpoint(path):
+    """torch.load a checkpoint written by save_checkpoint; one clear CheckpointError if it is missing, damaged,
+    truncated or not one of ours."""
+    advice = "resume from an intact copy, or start again with --init_from=scratch --overwrite_out_dir=True"
+    if not os.path.exists(path):
+        raise CheckpointError(f"init_from='resume' but {path} does not exist; train from scratch first, or point "
+                              f"--out_dir at the run to resume")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path} cannot be read, it is damaged or truncated ({type(e).__name__}: "
+                              f"{first_line}); {advice}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint written by this train.py (it lacks {', '.join(missing)}); "
+                              f"{advice}")
+    return checkpoint
+
+
+def save_checkpoint(path, checkpoint):
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written ckpt.pt."""
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def truncate_log(path, iter_num):
+    """On resume, drop the log records written after the checkpoint (a run stopped between checkpoints wrote them,
+    and the resumed run writes them again), so that log.jsonl holds one run on one step axis."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in records if r["iter"] < iter_num or (r["iter"] == iter_num and r.get("kind") in ("train",
+                                                                                                      "switch"))]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, path)
+
+
+def adopt_model_shape(c, shape, defaults, source, advice):
+    """Set the model-shape keys of c from a checkpoint's or a pretrained model's (shape: key -> value). A key this run
+    set explicitly to another value (anything but its default) is an error: the weights would not fit."""
+    for k, value in shape.items():
+        if getattr(c, k) not in (value, defaults[k]):
+            raise ConfigError(f"{source} has {k}={value!r}, but this run sets {k}={getattr(c, k)!r}; {advice}")
+        setattr(c, k, value)
+
+
+def rng_states(ddp, world, device_type):
+    """Every process's torch RNG states (CPU, and CUDA where used), gathered for the checkpoint."""
+    import torch.distributed as dist
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    if not ddp:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore(checkpoint, optimizers, scaler, gapt, data_rng, rank, world, device_type):
+    """Everything but the model weights back from a checkpoint: optimizers, scaler, GAPT, data order, RNG streams.
+    Returns (iter_num, best_val_loss)."""
+    for opt, state in zip(optimizers, checkpoint["optimizers"]):
+        opt.load_state_dict(state)
+    scaler.load_state_dict(checkpoint["scaler"])
+    gapt.load_state_dict(checkpoint["gapt"])
+    data_rng.set_state(checkpoint["data_rng"])
+    if len(checkpoint["rng"]) == world:  # the same number of processes: every one continues its own streams
+        torch.set_rng_state(checkpoint["rng"][rank]["cpu"])
+        if device_type == "cuda" and checkpoint["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"][rank]["cuda"])
+    return checkpoint["iter_num"], checkpoint["best_val_loss"]

@@ -1,0 +1,144 @@
+"""
+train.py's configuration: its DEFAULTS, then config files (plain Python assignments) and --key=value overrides, in
+the order given. An unknown key, a value of the wrong type, a NaN or infinity, or a value out of range is one
+ConfigError that names the key. Not part of the algorithm: train.py calls load_config and reads the result.
+
+Adding a config key: give it a default in train.py's DEFAULTS, a row in README.md's table, and a range here
+(tests/test_train.py checks that every key has all three).
+"""
+
+import ast
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+
+from hub import PRETRAINED
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# keys whose value may have another type than their default's
+KEY_TYPES = {"mbe_layers": (str, list, tuple), "eval_data_dirs": (str, list, tuple)}
+
+# the range of every key that is not a bool (a bool's type is its range)
+CHOICES = {"gapt_mode": ("off", "gapt", "always", "random"), "optimizer": ("adamw", "muon"),
+           "dtype": ("auto", "float32", "bfloat16", "float16")}
+POSITIVE = ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+            "eval_interval", "log_interval", "eval_iters", "gapt_tau", "gapt_patience_memorize",
+            "gapt_patience_compress", "mbe_alpha", "ddp_timeout")
+NON_NEGATIVE = ("learning_rate", "max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
+                "mbe_weight", "mbe_floor", "gapt_delta_mbe_abs", "num_threads", "peak_flops", "align_interval",
+                "vocab_size", "mbe_patch_size", "seed")
+FRACTION = ("dropout", "beta1", "beta2", "gapt_delta", "gapt_ema")  # in [0, 1)
+UNIT_INTERVAL = ("gapt_random_share",)  # in [0, 1]
+FREE_TEXT = ("out_dir", "wandb_project", "wandb_run_name", "data_dir", "device")  # any string (device: checked
+# against the machine by train.py)
+CHECKED_BELOW = ("init_from", "mbe_layers", "eval_data_dirs")  # by validate() itself
+
+
+def load_config(args, defaults, doc=""):
+    """defaults, then each config file and --key=value override in the order given -> a SimpleNamespace. --help
+    prints doc and every key with its default, and exits."""
+    if {"-h", "--help"} & set(args):
+        print(doc + "\nconfig keys and their defaults (README.md explains each):")
+        print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+        raise SystemExit(0)
+    config = dict(defaults)
+    for arg in args:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"override {arg!r} must look like --key=value")
+            if isinstance(defaults.get(key), str) and key not in KEY_TYPES:
+                value = text  # strings need no quotes: --device=cpu
+            else:
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    value = float(text) if text.lower() in ("nan", "inf", "-inf") else text
+            config[key] = checked(defaults, key, value, arg)
+        else:
+            for key, value in read_config_file(arg).items():
+                config[key] = checked(defaults, key, value, arg)
+    validate(config)
+    return SimpleNamespace(**config)
+
+
+def read_config_file(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (arguments are config files or --key=value)")
+    names = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), {}, names)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}; a config file holds Python assignments "
+                          f"such as max_iters = 500") from None
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed to run ({type(e).__name__}: {e}); a config file holds "
+                          f"Python assignments such as max_iters = 500") from None
+    return {k: v for k, v in names.items()
+            if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
+
+
+def checked(defaults, key, value, source):
+    if key not in defaults:
+        close = [k for k in defaults if k.split("_")[0] == key.split("_")[0]] or sorted(defaults)
+        raise ConfigError(f"unknown config key {key!r} in {source}; known keys like it: {', '.join(close)}")
+    default = defaults[key]
+    allowed = KEY_TYPES.get(key, (type(default),))
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # --learning_rate=1 means 1.0
+    if isinstance(value, bool) != isinstance(default, bool) and key not in KEY_TYPES:
+        raise ConfigError(f"config key {key!r}: expected {type(default).__name__}, got {value!r} (in {source})")
+    if not isinstance(value, allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"config key {key!r}: expected {names}, got {type(value).__name__} {value!r} (in {source})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} is {value} (in {source}); give a finite number")
+    if key == "eval_data_dirs":  # one directory may be given as a plain string
+        value = [value] if isinstance(value, str) else list(value)
+        if not all(isinstance(d, str) for d in value):
+            raise ConfigError(f"config key 'eval_data_dirs': expected a list of directory names, got {value!r}")
+    return value
+
+
+def validate(c):
+    """Ranges and the relations between keys. The regularised layers are checked against the model's depth by
+    train.py, once the depth of a resumed or pretrained model is known."""
+    if c["init_from"] not in ("scratch", "resume", *PRETRAINED) and not os.path.isdir(c["init_from"]):
+        raise ConfigError(f"init_from must be scratch, resume, one of {', '.join(PRETRAINED)}, or a folder holding a "
+                          f"GPT-2 in the Hugging Face layout (config.json + model.safetensors); got {c['init_from']!r}")
+    for key, allowed in CHOICES.items():
+        if c[key] not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {allowed}, got {c[key]!r}")
+    for keys, ok, what in ((POSITIVE, lambda v: v > 0, "positive"), (NON_NEGATIVE, lambda v: v >= 0, "non-negative"),
+                           (FRACTION, lambda v: 0 <= v < 1, "in [0, 1)"), (UNIT_INTERVAL, lambda v: 0 <= v <= 1,
+                                                                           "in [0, 1]")):
+        for key in keys:
+            if not ok(c[key]):
+                raise ConfigError(f"config key {key!r} must be {what}, got {c[key]}")
+    if c["mbe_patch_size"] and c["block_size"] % c["mbe_patch_size"]:
+        raise ConfigError(f"block_size {c['block_size']} is not divisible by mbe_patch_size {c['mbe_patch_size']}; "
+                          f"pick a patch size that divides it (or 0 for the whole sequence)")
+    layers = c["mbe_layers"]
+    if isinstance(layers, str) and layers not in ("auto", "rotate"):
+        raise ConfigError(f"mbe_layers must be 'auto', 'rotate' or a list of layer indices, got {layers!r}")
+    if not isinstance(layers, str) and (not layers or not all(isinstance(i, int) for i in layers)):
+        raise ConfigError(f"mbe_layers must name at least one layer index, got {list(layers)!r}")
+    if c["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
+                          f"{torch.__version__}): upgrade torch (pip install -r requirements.txt) or pass "
+                          f"--optimizer=adamw")
+    names = [os.path.basename(os.path.normpath(d)) for d in c["eval_data_dirs"]]
+    if len(set(names)) < len(names) or set(names) & {"train", "val", "test"}:
+        raise ConfigError(f"eval_data_dirs: their folder names ({', '.join(names)}) name their metrics (NAME_ce), "
+                          f"so they must differ from each other and from train, val and test; rename or link them")
+    if c["min_lr"] > c["learning_rate"]:
+        raise ConfigError(f"config key 'min_lr' ({c['min_lr']}) must not exceed learning_rate ({c['learning_rate']})")
+    if c["n_embd"] % c["n_head"]:
+        raise ConfigError(f"config key 'n_embd' ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")

@@ -1,0 +1,86 @@
+"""
+The machine side of a run: processes (torchrun), device, threads, precision and memory. Not part of the algorithm:
+train.py calls these two functions first.
+"""
+
+import ctypes
+import os
+import sys
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from configurator import ConfigError
+
+
+
+def setup_processes(c):
+    """(ddp, rank, local_rank, world): torchrun's environment, or a single process. Picks the device."""
+    if c.device == "auto":
+        c.device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = c.device.partition(":")
+    if kind == "cuda" and (not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device={c.device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s) (torch "
+                          f"{torch.__version__}); use --device=cpu, or --device=auto to take what there is")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps', but this machine or torch build has no MPS; use --device=cpu or auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {c.device!r}")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if c.gradient_accumulation_steps % world:
+        raise ConfigError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} (the global count) must be "
+                          f"divisible by the number of processes ({world}): pass --gradient_accumulation_steps="
+                          f"{world * max(1, c.gradient_accumulation_steps // world)}")
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if kind == "cuda":
+        c.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(c.device)
+    dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", timeout=timedelta(seconds=c.ddp_timeout))
+    return True, rank, local_rank, world
+
+
+def setup_compute(c, device_type):
+    """Threads, precision and autocast from the config: dtype "auto" becomes bfloat16 on CUDA where supported, else
+    float16 (with a GradScaler in the trainer), and float32 elsewhere. Returns (torch dtype, autocast context)."""
+    if c.num_threads:
+        torch.set_num_threads(c.num_threads)
+    if c.dtype == "auto":
+        c.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if c.deterministic:  # cuBLAS reads this when it creates its handle, so it must be set before the first matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if sys.platform.startswith("linux"):
+        # glibc maps every large buffer afresh and unmaps it when freed; on a CPU the full logits of a small text
+        # model make that close to half of a step (docs/performance.md). Take every buffer from the heap and never
+        # give it back, so each step reuses the last one's memory.
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap
+            libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: no trimming
+        except (OSError, AttributeError):
+            pass  # not glibc
+    return ptdtype, autocast
+
+
+def to_device(x, y, device):
+    """A batch onto the device; on CUDA through pinned memory, without waiting."""
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def all_reduce_mean(t, world):
+    """The mean of t over the processes (in place), or t itself in a single process."""
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t
