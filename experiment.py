@@ -12,7 +12,9 @@ against the first config (the baseline).
 
 A config may carry its own overrides after `+` (one row of an ablation each); `--set` applies to every run. Every run
 is `python train.py CONFIG --seed=S --out_dir=OUT_ROOT/NAME-sS`; the table is read back from each run's log.jsonl
-(the final evaluation). Model selection uses nothing here: all numbers are at the last step.
+(the final evaluation). Where the data has a test split (prepare_fineweb.py --test_tokens), text runs are also read at
+their evaluation with the best validation CE (early stopping): validation chooses that step, test and the
+eval_data_dirs corpora are only reported. Stopping this script (Ctrl-C, SIGTERM) stops its runs and waits for them.
 
 Resumable: a run that finished (its log has the evaluation at max_iters) is skipped; one that was stopped resumes from
 its last checkpoint (--init_from=resume), or starts again if it wrote none. Stop the script at any time and start it
@@ -21,21 +23,26 @@ again with the same arguments; add seeds or configs and only the new runs train.
 Multiplication runs are tabulated by their answer metrics; text runs by validation CE and the CE on every
 eval_data_dirs corpus (out-of-distribution text). Every row also has GAPT's share of steps compressing, its phase
 switches counted by reason, the mean length of a compression phase, and the batch noise of one step's CE (runs with
-log_interval=1). Then, per seed, each run's relative difference to the first config's run of the same seed.
+log_interval=1). Then, per seed, each run's relative difference to the first config's run of the same seed, and for
+the first metric its mean, standard error, how many seeds are lower, a sign test and a sign-flip permutation test.
 """
 
 import argparse
+import itertools
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
 
+from train import SWITCH_REASONS, load_config
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIGS = ["config/mult_baseline.py", "config/mult_gapt.py", "config/mult_always.py"]
-SWITCH_REASONS = ("ce_plateau", "ce_spike", "mbe_patience")  # train.py's GAPT.last_switch["reason"]
 PAPER = {"mult": "the paper reports a 35% lower OOD answer-CE for GAPT",
          "text": "the paper reports, for GPT-2 124M on FineWeb, MBE -50% and CE -4.8% for GAPT"}
 
@@ -78,22 +85,29 @@ def final_metrics(out_dir, max_iters=None):
     if not evals or not trains:
         return None
     last_eval, last_train = evals[-1], trains[-1]
-    gapt = last_train.get("gapt")
-    if gapt is not None:
-        compress_fraction, switches = gapt["compress_steps"] / last_train["iter"], gapt["switches"]
-    else:  # "off" never compresses, "always" always does
-        compress_fraction, switches = float(last_train["phase"] == 2), 0
+    gapt = last_train.get("gapt") or {}
+    if "compress_steps" in last_train or gapt:  # logged by every mode since the random gate came
+        compress_fraction = last_train.get("compress_steps", gapt.get("compress_steps", 0)) / last_train["iter"]
+    else:  # older logs: "off" never compresses, "always" always does
+        compress_fraction = float(last_train["phase"] == 2)
+    switches = gapt.get("switches", 0)
     switches_logged = [r for r in records if r.get("kind") == "switch"]
     reasons = [r.get("reason", "unknown") for r in switches_logged]
     # compression phases: from each switch into phase 2 to the next switch out of it (or the end of the run)
     starts = [r["iter"] for r in switches_logged if r["phase"] == 2]
     ends = [r["iter"] for r in switches_logged if r["phase"] == 1] + [last_train["iter"]]
     phase_lengths = [min([e for e in ends if e > s] or [last_train["iter"]]) - s for s in starts]
-    extra_ce = {k[:-3]: v for k, v in last_eval.items() if k.endswith("_ce") and k != "val_ce" and "answer" not in k}
+    corpora = [k[:-3] for k in last_eval if k.endswith("_ce") and k not in ("val_ce", "train_ce", "test_ce")
+               and "answer" not in k]  # the eval_data_dirs corpora (out-of-distribution text)
+    best = min(evals, key=lambda r: r["val_ce"])  # early stopping: the checkpoint with the best validation CE
     return {"iter": last_eval["iter"], "id_ce": last_eval.get("id_answer_ce"),
             "ood_ce": last_eval.get("ood_answer_ce"), "id_exact": last_eval.get("id_exact"),
             "ood_exact": last_eval.get("ood_exact"), "val_ce": last_eval["val_ce"],
-            "mbe": last_eval["val_mbe"], "mbe_layers": last_eval["val_mbe_layers"], "extra_ce": extra_ce,
+            "mbe": last_eval["val_mbe"], "mbe_layers": last_eval["val_mbe_layers"],
+            "extra_ce": {k: last_eval[f"{k}_ce"] for k in corpora},
+            "extra_ce_best": {k: best.get(f"{k}_ce") for k in corpora}, "best_iter": best["iter"],
+            "best_val_ce": best["val_ce"], "test_ce": last_eval.get("test_ce"), "test_ce_best": best.get("test_ce"),
+            "gap": last_eval["val_ce"] - last_eval["train_ce"] if "train_ce" in last_eval else None,
             "compress_fraction": compress_fraction, "switches": switches,
             "switch_reasons": {k: reasons.count(k) for k in sorted(set(reasons))},
             "compress_phase_steps": float(np.mean(phase_lengths)) if phase_lengths else None,
@@ -113,6 +127,21 @@ def step_ce_noise(trains):
 def mean_std(values, fmt):
     values = np.asarray(values, dtype=float)
     return f"{values.mean():{fmt}} ± {values.std(ddof=1) if len(values) > 1 else 0.0:{fmt}}"
+
+
+def paired_tests(diffs):
+    """Two-sided p-values that the paired differences are centred on zero: the sign test (exact binomial, ties left
+    out) and the sign-flip permutation test on their mean (exact up to 16 seeds, else 100,000 random flips)."""
+    d = np.asarray(diffs, dtype=float)
+    nonzero = d[d != 0]
+    n, k = len(nonzero), int((nonzero > 0).sum())
+    sign_p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n) if n else 1.0
+    if len(d) <= 16:
+        flips = np.array(list(itertools.product((1, -1), repeat=len(d))))
+    else:
+        flips = np.random.default_rng(0).choice((1, -1), size=(100_000, len(d)))
+    perm_p = float(np.mean(np.abs(flips @ d) >= abs(d.sum()) - 1e-12))
+    return sign_p, perm_p
 
 
 def paired_differences(results, metrics):
@@ -138,6 +167,12 @@ def paired_differences(results, metrics):
             summary.append(f"- {name} ({len(d)} seed{'s' if len(d) > 1 else ''}): " + ", ".join(
                 f"{label} {m:+.1f}% ± {s:.1f}%" + (" (beyond the spread)" if len(d) > 1 and abs(m) > s else "")
                 for (label, _), m, s in zip(metrics, d.mean(0), spread)))
+            label, column = metrics[0][0], d[:, 0]  # the headline metric: mean, standard error, tests
+            sign_p, perm_p = paired_tests(column)
+            sem = column.std(ddof=1) / np.sqrt(len(column)) if len(column) > 1 else float("nan")
+            summary.append(f"  {label}: mean {column.mean():+.2f}% (standard error {sem:.2f}%), lower on "
+                           f"{int((column < 0).sum())} of {len(column)} seeds; sign test p = {sign_p:.3f}, "
+                           f"sign-flip permutation test p = {perm_p:.3f} (two-sided)")
     return lines + [""] + summary
 
 
@@ -147,10 +182,17 @@ def table(results):
     runs_of = {name: list(by_seed.values()) for name, by_seed in results.items()}
     mult = all(r["ood_ce"] is not None for runs in runs_of.values() for r in runs)
     extra = sorted({k for runs in runs_of.values() for r in runs for k in r["extra_ce"]})
-    task_columns = (["ID answer-CE", "OOD answer-CE", "ID exact", "OOD exact"] if mult
-                    else ["val CE", *[f"{k} CE" for k in extra]])
+    split = not mult and any(r["test_ce"] is not None for runs in runs_of.values() for r in runs)
+    if mult:
+        task_columns = ["ID answer-CE", "OOD answer-CE", "ID exact", "OOD exact"]
+    elif split:  # a test split: early stopping (the eval with the best val CE) beside the last step
+        task_columns = ["val CE", "best val CE (step)", "test CE at best val", "test CE at end",
+                        *[f"{k} CE at best val" for k in extra], *[f"{k} CE at end" for k in extra],
+                        "val − train CE at end"]
+    else:
+        task_columns = ["val CE", *[f"{k} CE" for k in extra]]
     columns = ["run", "seeds", *task_columns, "final MBE (regularised)", "compression steps", "phase switches",
-               "switches by reason (plateau / spike / patience)", "mean compression phase (steps)",
+               f"switches by reason ({' / '.join(SWITCH_REASONS)})", "mean compression phase (steps)",
                "step CE noise", "final MBE per layer"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, runs in runs_of.items():
@@ -158,6 +200,14 @@ def table(results):
             task = [mean_std([r["id_ce"] for r in runs], ".3f"), mean_std([r["ood_ce"] for r in runs], ".3f"),
                     mean_std([100 * r["id_exact"] for r in runs], ".1f") + "%",
                     mean_std([100 * r["ood_exact"] for r in runs], ".1f") + "%"]
+        elif split:
+            task = [mean_std([r["val_ce"] for r in runs], ".3f"),
+                    f"{mean_std([r['best_val_ce'] for r in runs], '.3f')} "
+                    f"({np.mean([r['best_iter'] for r in runs]):.0f})",
+                    mean_std([r["test_ce_best"] for r in runs], ".3f"), mean_std([r["test_ce"] for r in runs], ".3f"),
+                    *[mean_std([r["extra_ce_best"].get(k, np.nan) for r in runs], ".3f") for k in extra],
+                    *[mean_std([r["extra_ce"].get(k, np.nan) for r in runs], ".3f") for k in extra],
+                    mean_std([r["gap"] if r["gap"] is not None else np.nan for r in runs], ".3f")]
         else:
             task = [mean_std([r["val_ce"] for r in runs], ".3f"),
                     *[mean_std([r["extra_ce"].get(k, np.nan) for r in runs], ".3f") for k in extra]]
@@ -196,6 +246,10 @@ def table(results):
         if mult:
             metrics = [("OOD answer-CE", lambda r: r["ood_ce"]), ("ID answer-CE", lambda r: r["id_ce"]),
                        ("MBE", lambda r: r["mbe"])]
+        elif split:
+            metrics = [("test CE at best val", lambda r: r["test_ce_best"]), ("test CE at end", lambda r: r["test_ce"]),
+                       *[(f"{k} CE at best val", lambda r, k=k: r["extra_ce_best"][k]) for k in extra],
+                       ("MBE", lambda r: r["mbe"])]
         else:
             metrics = [("val CE", lambda r: r["val_ce"]),
                        *[(f"{k} CE", lambda r, k=k: r["extra_ce"][k]) for k in extra], ("MBE", lambda r: r["mbe"])]
@@ -204,10 +258,13 @@ def table(results):
     return "\n".join(lines)
 
 
+def default_threads(jobs):
+    """torch threads per run when --threads is not given: the machine's cores shared among the runs."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def max_iters_of(config, overrides):
     """The run's max_iters, from train.py's own config loading (so files and overrides count as they do there)."""
-    sys.path.insert(0, HERE)
-    from train import load_config
     return load_config([config, *[f"--{o}" for o in overrides]]).max_iters
 
 
@@ -218,7 +275,8 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--out_root", default="out-mult-experiment")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets --num_threads=THREADS)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: 2 // jobs, at least 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0: the machine's cores // jobs, at least 1)")
     parser.add_argument("--table_only", action="store_true", help="do not train; tabulate the finished runs")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments")
     args = parser.parse_args(argv)
@@ -226,7 +284,7 @@ def main(argv=None):
     for config, _ in specs:
         if not os.path.isfile(config):
             parser.error(f"config {config!r} not found")
-    threads = args.threads or max(1, 2 // args.jobs)
+    threads = args.threads or default_threads(args.jobs)
     runs = []
     for config, overrides in specs:
         max_iters = max_iters_of(config, overrides + args.set)
@@ -236,34 +294,44 @@ def main(argv=None):
 
     if not args.table_only:
         pending, active = list(runs), []
-        while pending or active:
-            while pending and len(active) < args.jobs:
-                config, overrides, seed, out_dir, max_iters = pending.pop(0)
-                if is_finished(out_dir, max_iters):
-                    print(f"[skip] {out_dir} is finished")
-                    continue
-                os.makedirs(out_dir, exist_ok=True)
-                resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
-                cmd = [sys.executable, os.path.join(HERE, "train.py"), config, f"--seed={seed}",
-                       f"--out_dir={out_dir}", f"--num_threads={threads}", *[f"--{o}" for o in overrides + args.set],
-                       *args.train_args, "--init_from=resume" if resume else "--overwrite_out_dir=True"]
-                print("[resume]" if resume else "[run]", " ".join(cmd), flush=True)
-                stdout = open(os.path.join(out_dir, "stdout.txt"), "a" if resume else "w")
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-                active.append((subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, env=env), out_dir,
-                               stdout, time.time()))
-            time.sleep(1)
-            for item in list(active):
-                proc, out_dir, stdout, start = item
-                if proc.poll() is not None:
-                    stdout.close()
-                    active.remove(item)
-                    if proc.returncode != 0:
-                        for other in active:  # stop the rest too; they resume from their checkpoints next time
-                            other[0].terminate()
-                        sys.exit(f"{out_dir} failed (exit {proc.returncode}); see {out_dir}/stdout.txt")
-                    open(os.path.join(out_dir, "done"), "w").close()
-                    print(f"[done] {out_dir} in {time.time() - start:.0f}s", flush=True)
+        # SIGTERM as Ctrl-C: stop the runs this script started and wait for them (they resume next time)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit("experiment.py stopped (SIGTERM); its runs resume when it "
+                                                          "is started again with the same arguments"))
+        try:
+            while pending or active:
+                while pending and len(active) < args.jobs:
+                    config, overrides, seed, out_dir, max_iters = pending.pop(0)
+                    if is_finished(out_dir, max_iters):
+                        print(f"[skip] {out_dir} is finished")
+                        continue
+                    os.makedirs(out_dir, exist_ok=True)
+                    resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
+                    cmd = [sys.executable, os.path.join(HERE, "train.py"), config, f"--seed={seed}",
+                           f"--out_dir={out_dir}", f"--num_threads={threads}",
+                           *[f"--{o}" for o in overrides + args.set], *args.train_args, "--init_from=resume" if resume else "--overwrite_out_dir=True"]
+                    print("[resume]" if resume else "[run]", " ".join(cmd), flush=True)
+                    stdout = open(os.path.join(out_dir, "stdout.txt"), "a" if resume else "w")
+                    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                    active.append((subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, env=env), out_dir,
+                                   stdout, time.time()))
+                time.sleep(1)
+                for item in list(active):
+                    proc, out_dir, stdout, start = item
+                    if proc.poll() is not None:
+                        stdout.close()
+                        active.remove(item)
+                        if proc.returncode != 0:
+                            for other in active:  # stop the rest too; they resume from their checkpoints next time
+                                other[0].terminate()
+                            sys.exit(f"{out_dir} failed (exit {proc.returncode}); see {out_dir}/stdout.txt")
+                        open(os.path.join(out_dir, "done"), "w").close()
+                        print(f"[done] {out_dir} in {time.time() - start:.0f}s", flush=True)
+        finally:
+            for proc, *_ in active:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc, *_ in active:
+                proc.wait()
 
     results = {}
     for config, overrides, seed, out_dir, max_iters in runs:

@@ -1,6 +1,6 @@
 """
-The machine side of a run: processes (torchrun), device, threads, precision and memory. Not part of the algorithm:
-train.py calls these two functions first.
+The machine side of a run: processes (torchrun), device, threads, precision, memory, and how a run ends when
+something goes wrong. Not part of the algorithm: train.py calls these.
 """
 
 import ctypes
@@ -12,7 +12,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from checkpoint import CheckpointError
 from configurator import ConfigError
+from hub import PretrainedError
+from shards import DataError
 
 
 
@@ -84,3 +87,24 @@ def all_reduce_mean(t, world):
         dist.all_reduce(t)
         t /= world
     return t
+
+
+def run_main(main, load_config, argv):
+    """main(load_config(argv)); a bad input or setting, a stalled or dead process under torchrun, or Ctrl-C ends it
+    with one line on stderr that says what happened and what to do (exit status 1; 130 for Ctrl-C)."""
+    config = None
+    try:
+        config = load_config(argv)
+        main(config)
+    except (ConfigError, DataError, CheckpointError, PretrainedError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    except dist.DistError as e:  # gloo / NCCL: a collective timed out or a peer vanished
+        sys.exit(f"error: another process stalled or died (no answer within ddp_timeout={config.ddp_timeout} s; "
+                 f"{type(e).__name__}), so every process stops; the last checkpoint is in {config.out_dir}: "
+                 f"continue with --init_from=resume")
+    except KeyboardInterrupt:
+        ckpt = os.path.join(config.out_dir, "ckpt.pt") if config else None
+        print("\ninterrupted; " + (f"the last checkpoint is {ckpt}: continue with the same command and "
+                                   f"--init_from=resume" if ckpt and os.path.exists(ckpt) else "no checkpoint was "
+                                   "written"), file=sys.stderr)
+        sys.exit(130)

@@ -24,13 +24,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignment import gradient_alignment
-from checkpoint import MODEL_KEYS, CheckpointError, open_run, restore, rng_states, save_checkpoint
+from checkpoint import MODEL_KEYS, open_run, restore, rng_states, save_checkpoint
 from configurator import ConfigError, load_config as parse_config
-from hub import PretrainedError, load_pretrained_state
+from hub import load_pretrained_state
 from mbe import patched_mbe
 from model import GPT, GPTConfig
-from shards import DataError, TokenWindows, read_meta
-from system import all_reduce_mean, setup_compute, setup_processes, to_device
+from shards import TokenWindows, read_meta
+from system import all_reduce_mean, run_main, setup_compute, setup_processes, to_device
 
 # -----------------------------------------------------------------------------
 # Defaults: GAPT on the multiplication task (python prepare_mult.py first), small enough for a laptop CPU.
@@ -494,8 +494,4 @@ def main(c):
 
 
 if __name__ == "__main__":
-    try:
-        main(load_config(sys.argv[1:]))
-    except (ConfigError, DataError, CheckpointError, PretrainedError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, load_config, sys.argv[1:])  # a bad input, a stalled process or Ctrl-C: one line that says what to do

@@ -159,3 +159,26 @@ def test_running_mean_of_mbe_restarts_with_each_compression_phase():
         g.step(8.0)
     g.step(8.0, [1.0])
     assert g.mbe_avg == [1.0]  # not averaged with the 4.0 of the phase before
+
+
+def test_state_dict_holds_every_field_but_the_settings_whatever_is_added():
+    """Exact resume needs the whole state: state_dict takes every attribute but the settings, so a field a student
+    adds to the state machine is saved without touching state_dict."""
+    g = machine()
+    to_compression(g)
+    g.step(8.0, [1.0, 2.0])
+    g.new_counter = 5  # e.g. a rule added in a fork
+    state = g.state_dict()
+    assert state["new_counter"] == 5
+    assert set(state) == set(vars(g)) - set(GAPT.SETTINGS) - {"last_switch"}
+    fresh = machine()
+    fresh.load_state_dict(state)
+    assert {k: v for k, v in vars(fresh).items() if k != "last_switch"} == \
+        {k: v for k, v in vars(g).items() if k != "last_switch"}
+
+
+def test_gapt_takes_keyword_arguments_only():
+    import pytest
+    with pytest.raises(TypeError):
+        GAPT(0.01, 0.1)
+    assert GAPT(tau=0.2).tau == 0.2

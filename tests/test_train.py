@@ -396,12 +396,6 @@ def test_muon_without_torch_support_is_a_clear_error(monkeypatch):
     assert load_config(["--optimizer=adamw"]).optimizer == "adamw"
 
 
-def test_readme_documents_every_config_key():
-    readme = open(os.path.join(REPO, "README.md")).read()
-    missing = [k for k in DEFAULTS if f"`{k}`" not in readme]
-    assert not missing, f"README.md does not document {missing}"
-
-
 def test_train_runs_under_pdb_and_cprofile_without_restarting(token_data, tmp_path):
     """train.py sets glibc's allocator at run time (no restart of the interpreter), so a profiler wrapped around it
     sees the run and writes its profile."""
@@ -494,3 +488,133 @@ def test_resume_drops_log_records_written_after_the_checkpoint(token_data, tmp_p
     assert [r["iter"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
     assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert all(r.get("ce") != 1.0 for r in records)
+
+
+# the bugs of issue 29, each through the command line ---------------------------------------------------------------
+
+def test_eval_only_evaluates_the_run_in_out_dir_and_writes_nothing(token_data, tmp_path):
+    out = str(tmp_path / "run")
+    common = [*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--eval_interval=4"]
+    run_train(*common, "--max_iters=4")
+    log_before = open(os.path.join(out, "log.jsonl")).read()
+    ckpt_before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    result = run_train(*common, "--eval_only=True")  # the default init_from=scratch: still the run in out_dir
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["val_ce"] == pytest.approx(read_log(out, "eval")[-1]["val_ce"], abs=LOSS_TOL)
+    assert open(os.path.join(out, "log.jsonl")).read() == log_before
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == ckpt_before
+    empty = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={tmp_path / 'none'}", "--eval_only=True",
+                      check=False)
+    assert empty.returncode == 1 and "eval_only evaluates the run in out_dir" in empty.stderr
+
+
+def test_mbe_layers_are_checked_against_the_resumed_models_depth(token_data, tmp_path):
+    out = str(tmp_path / "deep")
+    common = [*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--eval_interval=2", "--log_interval=1"]
+    run_train(*[a for a in common if not a.startswith("--n_layer")], "--n_layer=6", "--max_iters=2")
+    run_train(*[a for a in common if not a.startswith("--n_layer")], "--max_iters=4", "--init_from=resume",
+              "--mbe_layers=[5]", "--gapt_mode=always")  # 5 >= the default n_layer=4, but the model has 6
+    assert read_log(out, "train")[-1]["mbe_layers"][5] is not None
+    result = run_train(*common, "--mbe_layers=[5]", "--overwrite_out_dir=True", "--max_iters=2", check=False)
+    assert result.returncode == 1 and "mbe_layers [5] must be indices in [0, n_layer=3)" in result.stderr
+
+
+def test_unmeasured_layers_are_logged_as_null_not_zero(token_data, tmp_path):
+    out = str(tmp_path / "always")
+    run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--gapt_mode=always", "--max_iters=2",
+              "--log_interval=1", "--eval_interval=2")
+    for r in read_log(out, "train"):  # 3 layers, only the middle one regularised: the others are not measured
+        assert r["mbe_layers"][0] is None and r["mbe_layers"][2] is None and r["mbe_layers"][1] > 0
+    out = str(tmp_path / "off")
+    run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--gapt_mode=off", "--max_iters=2",
+              "--log_interval=1", "--eval_interval=2")
+    assert all(m > 0 for r in read_log(out, "train") for m in r["mbe_layers"])  # memorization measures every layer
+
+
+def test_a_short_run_of_the_defaults_just_works(token_data, tmp_path):
+    """warmup_iters (100 by default) longer than the run: the warm-up is the whole run."""
+    out = str(tmp_path / "short")
+    args = [a for a in TINY if not a.startswith("--warmup_iters")]
+    run_train(*args, f"--data_dir={token_data}", f"--out_dir={out}", "--max_iters=3", "--log_interval=1")
+    c = load_config(["--max_iters=20"])
+    assert get_lr(0, c) < get_lr(19, c) == pytest.approx(c.learning_rate * 20 / 21)
+    assert [r["iter"] for r in read_log(out, "train")] == [1, 2, 3]
+
+
+def test_every_config_key_is_documented_validated_and_in_the_help():
+    import configurator
+    readme = open(os.path.join(REPO, "README.md")).read()
+    ranged = (set(configurator.CHOICES) | set(configurator.POSITIVE) | set(configurator.NON_NEGATIVE)
+              | set(configurator.FRACTION) | set(configurator.UNIT_INTERVAL) | set(configurator.FREE_TEXT)
+              | set(configurator.CHECKED_BELOW) | {k for k, v in DEFAULTS.items() if isinstance(v, bool)})
+    assert set(DEFAULTS) <= ranged, f"no range in configurator.py for {set(DEFAULTS) - ranged}"
+    assert ranged <= set(DEFAULTS), f"configurator.py ranges keys train.py does not have: {ranged - set(DEFAULTS)}"
+    assert not [k for k in DEFAULTS if f"`{k}`" not in readme]
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("max_iters = 10\nlearning_rate = = 3\n")
+    result = run_train(str(broken), check=False)
+    assert result.returncode == 1 and result.stderr.strip().startswith(f"error: config file {broken}, line 2")
+    nan = tmp_path / "nan.py"
+    nan.write_text("learning_rate = float('nan')\n")
+    result = run_train(str(nan), check=False)
+    assert result.returncode == 1 and "'learning_rate' is nan" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_random_gate_compresses_a_random_share_of_steps_the_same_after_resume(token_data, tmp_path):
+    from types import SimpleNamespace
+    from train import phase_of_step
+    c = SimpleNamespace(gapt_mode="random", gapt_random_share=0.3, seed=7)
+    phases = [phase_of_step(c, None, i) for i in range(2000)]
+    assert abs(phases.count(2) / 2000 - 0.3) < 0.04 and phases == [phase_of_step(c, None, i) for i in range(2000)]
+    assert phases != [phase_of_step(SimpleNamespace(**{**vars(c), "seed": 8}), None, i) for i in range(2000)]
+    common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=random", "--gapt_random_share=0.5", "--log_interval=1",
+              "--eval_interval=4", "--lr_decay_iters=8"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train(*common, f"--out_dir={straight}", "--max_iters=8")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=4")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=8", "--init_from=resume")
+    a, b = read_log(straight, "train"), read_log(resumed, "train")
+    same_run(a, b)
+    assert [r["compress_steps"] for r in a] == [r["compress_steps"] for r in b]
+    assert {r["phase"] for r in a} == {1, 2}
+    assert all((r["loss"] > r["ce"]) == (r["phase"] == 2) for r in a)
+
+
+def test_a_test_split_is_evaluated_beside_train_and_val(token_data, tmp_path):
+    import shutil
+    data = tmp_path / "with_test"
+    shutil.copytree(token_data, data)
+    rng = __import__("numpy").random.default_rng(5)
+    write_shard(str(data / "test_000000.bin"), rng.integers(0, 64, size=2000))
+    out = str(tmp_path / "run")
+    run_train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
+    for r in read_log(out, "eval"):
+        assert all(math.isfinite(r[f"{s}_ce"]) and len(r[f"{s}_mbe_layers"]) == 3 for s in ("train", "val", "test"))
+        assert r["test_ce"] != r["val_ce"]
+
+
+def test_one_writer_per_out_dir(token_data, tmp_path):
+    """A second train.py on an out_dir that a running one holds stops at once, naming the holder; the first run's
+    log and checkpoint are untouched."""
+    out = str(tmp_path / "run")
+    common = [*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--eval_interval=50", "--log_interval=1"]
+    first = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *common, "--max_iters=100000"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(600):  # until it has logged a step (at most a minute)
+            if os.path.exists(os.path.join(out, "log.jsonl")) and read_log(out, "train"):
+                break
+            __import__("time").sleep(0.1)
+        for extra in ([], ["--init_from=resume"], ["--overwrite_out_dir=True"], ["--eval_only=True"]):
+            second = run_train(*common, "--max_iters=4", *extra, check=False, timeout=60)
+            assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+            assert f"{out} is in use by pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    run_train(*common, "--max_iters=2", "--overwrite_out_dir=True")  # once it is gone, the out_dir is free

@@ -1,0 +1,96 @@
+"""experiment.py: the early-stopping columns of a run with a test split, the paired tests, its thread default, and
+stopping it (SIGTERM stops and waits for its train.py children)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY
+
+import experiment as me
+
+
+def write_run(root, name, seed, evals, compress_steps=0, switches=()):
+    d = root / f"{name}-s{seed}"
+    d.mkdir(parents=True)
+    records = [{"kind": "switch", "iter": 1 + i, "phase": 1, "reason": r} for i, r in enumerate(switches)]
+    records += [{"kind": "eval", "iter": it, "phase": 1, "val_mbe": 0.5, "val_mbe_layers": [0.5], **e}
+                for it, e in evals]
+    records.append({"kind": "train", "iter": evals[-1][0], "phase": 1, "compress_steps": compress_steps,
+                    "gapt": None})
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (d / "done").write_text("")
+
+
+def test_a_test_split_adds_early_stopping_columns_chosen_on_validation_only(tmp_path, capsys):
+    base, gapt = (os.path.join(REPO, "config", f"kernel_docs_{n}.py") for n in ("baseline", "gapt"))
+    for seed in (0, 1):
+        # the baseline overfits: its best val CE is at step 100, where test is 4.0; at the end val and test rise
+        write_run(tmp_path, "kernel_docs_baseline", seed, [
+            (100, {"train_ce": 3.9, "val_ce": 4.1, "test_ce": 4.0, "py_ce": 6.0}),
+            (200, {"train_ce": 3.0, "val_ce": 4.5, "test_ce": 4.4, "py_ce": 6.6})])
+        # GAPT: its best val is at the end; test there is 3.8 (and its best *test* at 100 must not be chosen)
+        write_run(tmp_path, "kernel_docs_gapt", seed, [
+            (100, {"train_ce": 3.95, "val_ce": 4.2, "test_ce": 3.0, "py_ce": 6.1}),
+            (200, {"train_ce": 3.8, "val_ce": 4.0, "test_ce": 3.8, "py_ce": 5.7})], compress_steps=50,
+            switches=["ce_plateau", "ce_spike"])
+    me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "1", "--configs", base, gapt])
+    out = capsys.readouterr().out
+    assert ("| run | seeds | val CE | best val CE (step) | test CE at best val | test CE at end | py CE at best val | "
+            "py CE at end | val − train CE at end |") in out
+    assert "| kernel_docs_baseline | 2 | 4.500 ± 0.000 | 4.100 ± 0.000 (100) | 4.000 ± 0.000 | 4.400 ± 0.000 | " \
+           "6.000 ± 0.000 | 6.600 ± 0.000 | 1.500 ± 0.000 |" in out
+    assert "| kernel_docs_gapt | 2 | 4.000 ± 0.000 | 4.000 ± 0.000 (200) | 3.800 ± 0.000 | 3.800 ± 0.000 |" in out
+    assert "| 25% | 0.0 | 1.0 / 1.0 / 0.0 |" in out  # compress_steps / iter, and switches by reason
+    assert "switches by reason (ce_plateau / ce_spike / mbe_patience)" in out  # the reasons train.py defines
+    assert "| kernel_docs_gapt | 0 | -5.0% | -13.6% | -5.0% | +0.0% |" in out  # test at best val: 3.8 vs 4.0
+
+
+def test_paired_tests():
+    sign_p, perm_p = me.paired_tests([-1.0] * 8)
+    assert sign_p == pytest.approx(2 / 256) and perm_p == pytest.approx(2 / 256)
+    sign_p, perm_p = me.paired_tests([-5.0, -3.0, 2.0, -1.0])
+    assert sign_p == pytest.approx(10 / 16) and 0.1 < perm_p < 1
+    assert me.paired_tests([1.0, -1.0]) == (1.0, 1.0)
+
+
+def test_paired_summary_line(tmp_path, capsys):
+    base, gapt = (os.path.join(REPO, "config", f"mult_{n}.py") for n in ("baseline", "gapt"))
+    for seed, change in enumerate((-0.1, -0.2, 0.05)):
+        for name, ood in (("mult_baseline", 5.0), ("mult_gapt", 5.0 * (1 + change))):
+            write_run(tmp_path, name, seed, [(10, {"val_ce": 1.0, "id_answer_ce": 0.5, "ood_answer_ce": ood,
+                                                   "id_exact": 0.5, "ood_exact": 0.0})])
+    me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "1", "2", "--configs", base, gapt])
+    out = capsys.readouterr().out
+    assert "OOD answer-CE: mean -8.33% (standard error 7.26%), lower on 2 of 3 seeds; sign test p = 1.000, " \
+           "sign-flip permutation test p = 0.500 (two-sided)" in out
+
+
+def test_threads_default_to_the_machines_cores_over_jobs(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert me.default_threads(2) == 8 and me.default_threads(32) == 1
+
+
+def test_sigterm_stops_the_runs_and_waits_for_them(token_data, tmp_path):
+    config = tmp_path / "long.py"
+    config.write_text(f"data_dir = {token_data!r}\nmax_iters = 100000\neval_interval = 1000\nn_layer = 2\n"
+                      f"n_embd = 32\nn_head = 2\nblock_size = 16\nbatch_size = 4\noptimizer = 'adamw'\n")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "experiment.py"), "--out_root", str(tmp_path / "r"),
+                             "--seeds", "0", "--threads", "1", "--configs", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "r" / "long-s0" / "log.jsonl"
+    for _ in range(600):
+        if log.exists() and log.read_text():
+            break
+        time.sleep(0.1)
+    child = int(open(tmp_path / "r" / "long-s0" / "lock").read().split()[1])  # the train.py holding its out_dir
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "stopped (SIGTERM)" in err
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # gone, not left running as a second writer
