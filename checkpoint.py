@@ -6,6 +6,7 @@ calls these.
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -45,6 +46,10 @@ def open_run(c, defaults):
         if not c.eval_only and int(os.environ.get("RANK", 0)) == 0:
             truncate_log(log_path, checkpoint["iter_num"])
         return checkpoint, None
+    if not c.eval_only and os.path.exists(log_path) and not os.path.exists(ckpt_path):
+        print(f"note: {c.out_dir} holds a log but no checkpoint (a run that stopped before its first one): starting "
+              f"afresh")  # nothing there to resume, so nothing to protect
+        os.remove(log_path)
     if not c.eval_only and any(os.path.exists(p) for p in (ckpt_path, log_path)):
         if not c.overwrite_out_dir:
             raise ConfigError(f"{c.out_dir} already holds a run (ckpt.pt / log.jsonl); resume it with "
@@ -110,19 +115,46 @@ def load_checkpoint(path):
 
 
 def save_checkpoint(path, checkpoint):
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written ckpt.pt."""
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written ckpt.pt. A write that fails (a
+    full disk) removes the temporary file and is one CheckpointError; the previous checkpoint stays as it was."""
     tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
+    try:
+        torch.save(checkpoint, tmp)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise CheckpointError(f"could not write {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}; "
+                              f"{free / 1e6:,.0f} MB free on its disk): free some space, then continue with "
+                              f"--init_from=resume from the previous checkpoint, which is intact") from None
     os.replace(tmp, path)
+
+
+def read_log(path):
+    """The records of a log.jsonl. A last line cut short (a run killed while writing it, a full disk) is left out with
+    a note on stderr; a damaged line before the last is one CheckpointError naming it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i != lines[-1][0]:
+                raise CheckpointError(f"{path} line {i} is not a JSON record; remove that line (or the log) and "
+                                      f"try again") from None
+            print(f"note: the last line of {path} (line {i}) was cut short while being written; it is left out",
+                  file=sys.stderr)
+    return records
 
 
 def truncate_log(path, iter_num):
     """On resume, drop the log records written after the checkpoint (a run stopped between checkpoints wrote them,
-    and the resumed run writes them again), so that log.jsonl holds one run on one step axis."""
+    and the resumed run writes them again), and a last line cut short, so that log.jsonl holds one run on one step
+    axis."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_log(path)
     keep = [r for r in records if r["iter"] < iter_num or (r["iter"] == iter_num and r.get("kind") in ("train",
                                                                                                       "switch"))]
     tmp = f"{path}.tmp"

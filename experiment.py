@@ -29,7 +29,6 @@ the first metric its mean, standard error, how many seeds are lower, a sign test
 
 import argparse
 import itertools
-import json
 import math
 import os
 import signal
@@ -39,6 +38,7 @@ import time
 
 import numpy as np
 
+from checkpoint import read_log
 from train import SWITCH_REASONS, load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,22 +48,20 @@ PAPER = {"mult": "the paper reports a 35% lower OOD answer-CE for GAPT",
 
 
 def run_name(config, overrides):
-    name = os.path.splitext(os.path.basename(config))[0]
+    name = os.path.splitext(os.path.basename(config.split(",")[-1]))[0]  # the last of its config files
     return name + "".join(f"+{o.replace('=', '_')}" for o in overrides)
 
 
 def parse_spec(spec):
-    """'config/x.py+key=value+key2=value2' -> ('config/x.py', ['key=value', 'key2=value2'])"""
+    """'config/x.py+key=value+key2=value2' -> ('config/x.py', ['key=value', 'key2=value2']); a config may be
+    several files, applied in order: 'config/a.py,config/b.py+key=value'."""
     config, *overrides = spec.split("+")
     return config, overrides
 
 
 def read_records(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_log(path) if os.path.exists(path) else []
 
 
 def is_finished(out_dir, max_iters=None):
@@ -265,7 +263,7 @@ def default_threads(jobs):
 
 def max_iters_of(config, overrides):
     """The run's max_iters, from train.py's own config loading (so files and overrides count as they do there)."""
-    return load_config([config, *[f"--{o}" for o in overrides]]).max_iters
+    return load_config([*config.split(","), *[f"--{o}" for o in overrides]]).max_iters
 
 
 def main(argv=None):
@@ -281,9 +279,9 @@ def main(argv=None):
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments")
     args = parser.parse_args(argv)
     specs = [parse_spec(spec) for spec in args.configs]
-    for config, _ in specs:
-        if not os.path.isfile(config):
-            parser.error(f"config {config!r} not found")
+    for path in (p for config, _ in specs for p in config.split(",")):
+        if not os.path.isfile(path):
+            parser.error(f"config {path!r} not found")
     threads = args.threads or default_threads(args.jobs)
     runs = []
     for config, overrides in specs:
@@ -306,7 +304,7 @@ def main(argv=None):
                         continue
                     os.makedirs(out_dir, exist_ok=True)
                     resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
-                    cmd = [sys.executable, os.path.join(HERE, "train.py"), config, f"--seed={seed}",
+                    cmd = [sys.executable, os.path.join(HERE, "train.py"), *config.split(","), f"--seed={seed}",
                            f"--out_dir={out_dir}", f"--num_threads={threads}",
                            *[f"--{o}" for o in overrides + args.set], *args.train_args, "--init_from=resume" if resume else "--overwrite_out_dir=True"]
                     print("[resume]" if resume else "[run]", " ".join(cmd), flush=True)

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from checkpoint import CheckpointError, load_checkpoint
 from hub import save_hf_folder
 from model import GPT, GPTConfig
 
@@ -27,7 +28,8 @@ def main(argv=None):
     path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         sys.exit(f"error: {path} does not exist; pass the out_dir of a trained run")
-    from checkpoint import CheckpointError, load_checkpoint
+    if os.path.exists(args.hf_dir) and not os.path.isdir(args.hf_dir):
+        sys.exit(f"error: --hf_dir={args.hf_dir} is a file, not a folder; pick another --hf_dir")
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as e:

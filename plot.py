@@ -12,7 +12,6 @@ Compression phases are shaded on every panel, in each run's colour. Runs overlay
 
 import argparse
 import csv
-import json
 import os
 import sys
 
@@ -21,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from checkpoint import CheckpointError, read_log  # noqa: E402
+
 CSV_COLUMNS = ["run", "iter", "kind", "phase", "loss", "ce", "mbe", "val_ce", "val_mbe", "align_cos", "align_ms"]
 
 
@@ -28,8 +29,10 @@ def read_run(out_dir):
     path = os.path.join(out_dir, "log.jsonl") if os.path.isdir(out_dir) else out_dir
     if not os.path.exists(path):
         sys.exit(f"error: {path} not found (pass run directories that hold a log.jsonl)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        return read_log(path)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
 
 
 def compression_spans(records):

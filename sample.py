@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from checkpoint import CheckpointError, load_checkpoint
 from hub import PretrainedError, from_pretrained
 from model import GPT, GPTConfig
 from shards import read_meta
@@ -42,12 +43,17 @@ def main(argv=None):
             model = from_pretrained(args.init_from)
         except PretrainedError as e:
             parser.exit(1, f"error: {e}\n")
-        meta = {"tokenizer": "r50k_base"}
+        data_dir = args.data_dir
+        meta = read_meta(data_dir) if data_dir else {"tokenizer": "r50k_base"}
+        if not data_dir and model.config.vocab_size < 50257:  # not GPT-2's BPE: e.g. an exported multiplication model
+            parser.exit(1, f"error: {args.init_from} has a vocabulary of {model.config.vocab_size} tokens, not GPT-2's "
+                           f"50257; pass --data_dir=<the directory it was trained on> so that its meta.json names "
+                           f"the tokenizer\n")
     else:
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        if not os.path.exists(path):
-            parser.error(f"{path} does not exist: train first (python train.py --out_dir={args.out_dir})")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+        except CheckpointError as e:
+            parser.exit(1, f"error: {e}\n")
         model = GPT(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(checkpoint["model"])
         data_dir = args.data_dir or checkpoint["config"]["data_dir"]

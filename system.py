@@ -4,6 +4,7 @@ something goes wrong. Not part of the algorithm: train.py calls these.
 """
 
 import ctypes
+import errno
 import os
 import sys
 from contextlib import nullcontext
@@ -98,10 +99,19 @@ def run_main(main, load_config, argv):
         main(config)
     except (ConfigError, DataError, CheckpointError, PretrainedError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
-    except dist.DistError as e:  # gloo / NCCL: a collective timed out or a peer vanished
+    except RuntimeError as e:  # NCCL raises DistError; gloo plain RuntimeErrors, for a timeout or a vanished peer
+        lost = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or not (isinstance(e, dist.DistError) or
+                                                              any(w in str(e).lower() for w in lost)):
+            raise
         sys.exit(f"error: another process stalled or died (no answer within ddp_timeout={config.ddp_timeout} s; "
                  f"{type(e).__name__}), so every process stops; the last checkpoint is in {config.out_dir}: "
                  f"continue with --init_from=resume")
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"error: no space left on the disk ({e.filename or e}); free some space, then continue with "
+                 f"--init_from=resume")
     except KeyboardInterrupt:
         ckpt = os.path.join(config.out_dir, "ckpt.pt") if config else None
         print("\ninterrupted; " + (f"the last checkpoint is {ckpt}: continue with the same command and "

@@ -94,3 +94,11 @@ def test_sigterm_stops_the_runs_and_waits_for_them(token_data, tmp_path):
     assert proc.returncode == 1 and "stopped (SIGTERM)" in err
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # gone, not left running as a second writer
+
+
+def test_a_row_may_be_several_config_files_applied_in_order():
+    spec = "config/kernel_docs_baseline.py,config/kernel_docs_overfit.py+gapt_mode=gapt"
+    config, overrides = me.parse_spec(spec)
+    assert me.run_name(config, overrides) == "kernel_docs_overfit+gapt_mode_gapt"
+    assert me.max_iters_of(os.path.join(REPO, "config", "kernel_docs_baseline.py") + "," +
+                           os.path.join(REPO, "config", "kernel_docs_overfit.py"), overrides) == 800

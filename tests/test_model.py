@@ -37,7 +37,7 @@ def test_gpt2_init_and_tied_embeddings():
 
 def test_weight_decay_groups_and_generate():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt, = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")  # AdamW alone without muon=True
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
