@@ -341,8 +341,8 @@ def main(c):
         model.load_state_dict(checkpoint["model"] if checkpoint else
                               load_pretrained_state(pretrained_dir, c.block_size))
     model.to(c.device)
-    optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2),
-                                                              device_type, muon=c.optimizer == "muon")
+    optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
+                                            muon=c.optimizer == "muon")
     scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
     gapt = GAPT(delta=c.gapt_delta, tau=c.gapt_tau, patience_memorize=c.gapt_patience_memorize,
                 patience_compress=c.gapt_patience_compress, delta_mbe_abs=c.gapt_delta_mbe_abs, ema=c.gapt_ema)
@@ -398,6 +398,7 @@ def main(c):
 
     while True:
         if iter_num % c.eval_interval == 0 or iter_num >= c.max_iters:
+            t_eval = time.perf_counter()
             with autocast:
                 metrics = evaluate(eval_model, eval_splits, task_eval, mbe_layers, c, rank, world)
             stop_if_not_finite(metrics["val_ce"])
@@ -413,7 +414,7 @@ def main(c):
                     "scaler": scaler.state_dict(), "model_args": asdict(gptconf), "config": vars(c),
                     "iter_num": iter_num, "best_val_loss": best_val_loss, "gapt": gapt.state_dict(),
                     "compress_steps": compress_steps, "data_rng": data_rng.get_state(), "rng": rngs})
-            t_last, interval_steps = time.perf_counter(), 0  # timing leaves evaluation out
+            t_last += time.perf_counter() - t_eval  # the step timing leaves evaluation out
         if iter_num >= c.max_iters:
             break
 

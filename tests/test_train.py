@@ -618,3 +618,15 @@ def test_one_writer_per_out_dir(token_data, tmp_path):
         first.kill()
         first.wait()
     run_train(*common, "--max_iters=2", "--overwrite_out_dir=True")  # once it is gone, the out_dir is free
+
+
+def test_an_evaluation_inside_a_log_interval_leaves_its_mean_alone(token_data, tmp_path):
+    """log_interval 2, eval_interval 3: the step-4 record is the mean of steps 3 and 4 (lr 0: the same batches give
+    the same CE in a run that logs every step)."""
+    common = [*TINY, f"--data_dir={token_data}", "--max_iters=4", "--learning_rate=0.0", "--min_lr=0.0",
+              "--gapt_mode=off"]
+    run_train(*common, f"--out_dir={tmp_path / 'every'}", "--log_interval=1", "--eval_interval=100")
+    run_train(*common, f"--out_dir={tmp_path / 'pairs'}", "--log_interval=2", "--eval_interval=3")
+    every, pairs = read_log(str(tmp_path / "every"), "train"), read_log(str(tmp_path / "pairs"), "train")
+    assert [r["iter"] for r in pairs] == [2, 4]
+    assert pairs[1]["ce"] == pytest.approx((every[2]["ce"] + every[3]["ce"]) / 2, abs=1e-6)
