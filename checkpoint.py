@@ -12,8 +12,9 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
-from configurator import ConfigError
+from configurator import ConfigError, validate
 from hub import pretrained_config, pretrained_folder
 
 
@@ -40,25 +41,30 @@ def open_run(c, defaults):
             raise CheckpointError(f"eval_only evaluates the run in out_dir, but {ckpt_path} does not exist; point "
                                   f"--out_dir at a run (or evaluate OpenAI's GPT-2 with --init_from=gpt2)")
         checkpoint = load_checkpoint(ckpt_path)
-        adopt_model_shape(c, {k: checkpoint["model_args"][k] for k in MODEL_KEYS}, defaults,
-                          f"the model in {ckpt_path}", "drop that setting to resume, or train it from scratch in "
+        adopt_model_shape(c, {**{k: checkpoint["model_args"][k] for k in MODEL_KEYS},
+                              "optimizer": checkpoint["config"].get("optimizer", c.optimizer)}, defaults,
+                          f"the run in {ckpt_path}", "drop that setting to resume, or train it from scratch in "
                           f"another out_dir")
+        validate(vars(c))  # the settings again, with the shape of the model in the checkpoint
         if not c.eval_only and int(os.environ.get("RANK", 0)) == 0:
             truncate_log(log_path, checkpoint["iter_num"])
         return checkpoint, None
+    master = int(os.environ.get("RANK", 0)) == 0
     if not c.eval_only and os.path.exists(log_path) and not os.path.exists(ckpt_path):
-        print(f"note: {c.out_dir} holds a log but no checkpoint (a run that stopped before its first one): starting "
-              f"afresh")  # nothing there to resume, so nothing to protect
-        os.remove(log_path)
-    if not c.eval_only and any(os.path.exists(p) for p in (ckpt_path, log_path)):
+        if master:  # a run that stopped before its first checkpoint: nothing to resume, so nothing to protect
+            print(f"note: {c.out_dir} holds a log but no checkpoint: starting afresh")
+            os.remove(log_path)
+    elif not c.eval_only and any(os.path.exists(p) for p in (ckpt_path, log_path)):
         if not c.overwrite_out_dir:
             raise ConfigError(f"{c.out_dir} already holds a run (ckpt.pt / log.jsonl); resume it with "
                               f"--init_from=resume, pick another --out_dir, or start it again with "
                               f"--overwrite_out_dir=True (which deletes its checkpoint and log)")
-        if int(os.environ.get("RANK", 0)) == 0:
+        if master:
             for path in (ckpt_path, log_path):
                 if os.path.exists(path):
                     os.remove(path)
+    if dist.is_initialized():
+        dist.barrier()  # every process has seen the out_dir as it was before rank 0 writes into it
     if c.init_from == "scratch":
         return None, None
     folder = pretrained_folder(c.init_from)  # OpenAI's GPT-2 (downloaded once) or a local Hub-layout folder
@@ -69,6 +75,7 @@ def open_run(c, defaults):
     if c.block_size > shape["block_size"]:
         raise ConfigError(f"block_size {c.block_size} is longer than {c.init_from}'s context ({shape['block_size']}); "
                           f"use at most that")
+    validate(vars(c))
     return None, folder
 
 

@@ -128,7 +128,7 @@ def validate(c):
     layers = c["mbe_layers"]
     if isinstance(layers, str) and layers not in ("auto", "rotate"):
         raise ConfigError(f"mbe_layers must be 'auto', 'rotate' or a list of layer indices, got {layers!r}")
-    if not isinstance(layers, str) and (not layers or not all(isinstance(i, int) for i in layers)):
+    if not isinstance(layers, str) and (not layers or not all(type(i) is int for i in layers)):
         raise ConfigError(f"mbe_layers must name at least one layer index, got {list(layers)!r}")
     if c["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is "

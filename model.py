@@ -157,8 +157,10 @@ class GPT(nn.Module):
         """[AdamW] with weight decay on every parameter of 2 or more dimensions (matmul weights, embeddings) only; or,
         with muon, [Muon on the blocks' 2-D weights, AdamW on embeddings, head, norms and biases] (torch >= 2.9)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        muon_params = [p for n, p in self.named_parameters() if muon and n.startswith("transformer.h.") and p.dim() > 1]
-        rest = [p for p in params if all(p is not q for q in muon_params)]
+        in_blocks = [p for n, p in self.named_parameters() if n.startswith("transformer.h.") and p.dim() > 1]
+        muon_ids = {id(p) for p in in_blocks} if muon else set()
+        muon_params = [p for p in params if id(p) in muon_ids]
+        rest = [p for p in params if id(p) not in muon_ids]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters

@@ -118,3 +118,6 @@ def run_main(main, load_config, argv):
                                    f"--init_from=resume" if ckpt and os.path.exists(ckpt) else "no checkpoint was "
                                    "written"), file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

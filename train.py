@@ -11,6 +11,7 @@ optimizer, and the training loop with its evaluations, logs and checkpoints.
 """
 
 import glob
+import inspect
 import json
 import math
 import os
@@ -107,7 +108,7 @@ def load_config(args):
 # -----------------------------------------------------------------------------
 # GAPT: the paper's Algorithm 1, with scale-free (relative) thresholds.
 
-SWITCH_REASONS = ("ce_plateau", "ce_spike", "mbe_patience")  # why a phase ends; experiment.py and plot.py use these
+SWITCH_REASONS = ("ce_plateau", "ce_spike", "mbe_patience")  # why a phase ends; experiment.py's tables use these
 
 
 class GAPT:
@@ -123,20 +124,17 @@ class GAPT:
     value) of CE and of each layer's MBE instead of the raw step values, so that batch noise in a small step's CE can
     neither fake progress nor a spike. The MBE average restarts with each compression phase.
     """
-    SETTINGS = ("delta", "tau", "patience_memorize", "patience_compress", "delta_mbe_abs", "ema")
-
     def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=125, patience_compress=75, delta_mbe_abs=0.0,
                  ema=0.0):
         self.delta, self.tau, self.delta_mbe_abs, self.ema = delta, tau, delta_mbe_abs, ema
         self.patience_memorize, self.patience_compress = patience_memorize, patience_compress
-        # the state: everything below is saved by state_dict, whatever is added to it
+        # the state: everything below (every attribute that is not a keyword argument) is saved by state_dict
         self.phase = 1
         self.ce_min = math.inf
         self.mbe_min = None  # per-layer minima, set to +inf at the start of each compression phase
         self.s_m = 0  # steps without CE progress (memorization)
         self.s_c = 0  # steps without MBE progress (compression)
         self.switches = 0  # phase changes so far
-        self.compress_steps = 0  # steps trained in the compression phase so far
         self.ce_avg, self.mbe_avg = None, None  # the running means the rules see when ema > 0
         self.last_switch = None  # why the latest step switched phase (None if it did not)
 
@@ -161,7 +159,6 @@ class GAPT:
     def step(self, ce, mbe=None):
         self.last_switch = None
         ce = self.ce_avg = self._smooth(self.ce_avg, float(ce))
-        self.compress_steps += self.phase == 2
         if self.phase == 1:
             self.s_m = 0 if self._improved(ce, self.ce_min) else self.s_m + 1
             self.ce_min = min(self.ce_min, ce)
@@ -186,8 +183,9 @@ class GAPT:
                             ce=ce, ce_min=self.ce_min)
         return self.phase
 
-    def state_dict(self):
-        return {k: v for k, v in vars(self).items() if k not in self.SETTINGS and k != "last_switch"}
+    def state_dict(self):  # the settings (the keyword arguments, stored under their own names) come from the config
+        settings = inspect.signature(GAPT.__init__).parameters
+        return {k: v for k, v in vars(self).items() if k not in settings and k != "last_switch"}
 
     def load_state_dict(self, state):
         for k, v in state.items():
@@ -349,7 +347,7 @@ def main(c):
     iter_num, best_val_loss, compress_steps = 0, math.inf, 0
     if checkpoint is not None and not c.eval_only:
         iter_num, best_val_loss = restore(checkpoint, optimizers, scaler, gapt, data_rng, rank, world, device_type)
-        compress_steps = checkpoint.get("compress_steps", gapt.compress_steps)
+        compress_steps = checkpoint.get("compress_steps", 0)
         if master:
             print(f"resumed from {c.out_dir}/ckpt.pt at iter {iter_num} (phase {gapt.phase})")
     checkpoint = None  # free it
@@ -423,8 +421,12 @@ def main(c):
             group["lr"] = lr
         phase = phase_of_step(c, gapt, iter_num)
         compress_steps += phase == 2
-        log_step = (iter_num + 1) % c.log_interval == 0 or iter_num + 1 == c.max_iters
-        measured = mbe_layers if phase == 2 else list(range(c.n_layer)) if log_step else []  # MBE this step
+        log_step = (iter_num + 1) % c.log_interval == 0 or iter_num + 1 == c.max_iters  # log after this step
+        measured = []  # the layers whose MBE this step computes: the regularised ones, or all of them to log
+        if phase == 2:
+            measured = mbe_layers
+        elif log_step:
+            measured = list(range(c.n_layer))
 
         # one optimizer step: the whole global batch's windows come from data_rng; this rank takes its slices
         positions = train_data.draw(c.gradient_accumulation_steps * c.batch_size, data_rng)
@@ -443,7 +445,7 @@ def main(c):
                 model.require_backward_grad_sync = micro == micro_steps - 1  # what no_sync() does
             with autocast:
                 _, ce, hidden = model(x, y, return_hidden=bool(measured))
-            if measured:  # compression: MBE of mbe_layers in the loss; memorization: measured (no gradient) to log
+            if measured:  # compression (always measured): MBE of mbe_layers in the loss; memorization: logged only
                 with torch.set_grad_enabled(phase == 2):
                     layer_mbe = layers_mbe(hidden, measured, c)
                 step_mbe[measured] += layer_mbe.detach().float() / micro_steps
@@ -487,11 +489,11 @@ def main(c):
         print(f"\ndone: {iter_num} steps in {time.perf_counter() - t_start:.0f} s; compressing on {compress_steps} of "
               f"{iter_num} steps" + (f", {gapt.switches} phase switches" if c.gapt_mode == "gapt" else "") + "\nfinal: "
               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-              + f"\ncheckpoint: {c.out_dir}/ckpt.pt\nlog: {c.out_dir}/log.jsonl\n"
+              + f"\ncheckpoint: {c.out_dir}/ckpt.pt{'' if iter_num else ' (none: no step was trained)'}\n"
+              f"log: {c.out_dir}/log.jsonl\n"
               f"plot it: python plot.py {c.out_dir} -o {c.out_dir}/gapt.png")
     if ddp:
         dist.barrier()  # every rank done (rank 0 may still be writing the checkpoint) before gloo/NCCL shut down
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
