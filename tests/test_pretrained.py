@@ -144,3 +144,14 @@ def test_sample_from_a_pretrained_folder(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("The kernel") == 2
+
+
+def test_mbe_layers_are_checked_against_the_pretrained_models_depth(token_data, tmp_path):
+    """A 6-layer GPT-2 folder: --mbe_layers=[5] is valid for it although the default n_layer is 4."""
+    folder = str(tmp_path / "hub6")
+    write_hub_folder(random_gpt(n_layer=6), folder)
+    out = str(tmp_path / "ft")
+    run_train(f"--init_from={folder}", f"--data_dir={token_data}", "--device=cpu", "--num_threads=1",
+              "--batch_size=4", "--eval_iters=2", "--optimizer=adamw", f"--out_dir={out}", "--max_iters=1",
+              "--mbe_layers=[5]", "--gapt_mode=always", "--log_interval=1", "--block_size=16")
+    assert read_log(out, "train")[-1]["mbe_layers"][5] is not None
