@@ -71,7 +71,7 @@ def plot(runs, output, smooth=1):
                          label=f"{label} val")
             for key in sorted(k for k in evals[-1] if k.endswith("_ce") and k != "val_ce" and "answer" not in k):
                 axes[0].plot([r["iter"] for r in evals if key in r], [r[key] for r in evals if key in r], color=color,
-                             ls=":", marker="x", label=f"{label} {key[:-3]}")  # an eval_data_dirs corpus
+                             ls=":", marker="x", label=f"{label} {key[:-3]} (eval)")  # train, test, other corpora
             axes[1].plot([r["iter"] for r in evals], [r["val_mbe"] for r in evals], color=color, ls="--",
                          marker=".", label=f"{label} val")
             for layer in range(len(evals[0]["val_mbe_layers"])):
