@@ -30,6 +30,15 @@ def same_run(a, b):
         assert [r["gapt"] for r in a] == [r["gapt"] for r in b]
 
 
+def straight_and_resumed(common, tmp_path, steps):
+    """The train records of `steps` straight steps, and of steps / 2 plus a resume to `steps`."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train(*common, f"--out_dir={straight}", f"--max_iters={steps}")
+    run_train(*common, f"--out_dir={resumed}", f"--max_iters={steps // 2}")
+    run_train(*common, f"--out_dir={resumed}", f"--max_iters={steps}", "--init_from=resume")
+    return read_log(straight, "train"), read_log(resumed, "train")
+
+
 @pytest.mark.parametrize("mode", ["off", "gapt", "always"])
 def test_smoke_each_mode(token_data, tmp_path, mode):
     out = str(tmp_path / mode)
@@ -373,14 +382,10 @@ def test_regularised_layers_in_one_form_and_non_contiguous_ones():
 def test_muon_optimizer_trains_and_resumes_exactly(token_data, tmp_path):
     common = [*TINY, f"--data_dir={token_data}", "--optimizer=muon", "--log_interval=1", "--eval_interval=3",
               "--lr_decay_iters=6", "--learning_rate=1e-2"]
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run_train(*common, f"--out_dir={straight}", "--max_iters=6")
-    run_train(*common, f"--out_dir={resumed}", "--max_iters=3")
-    run_train(*common, f"--out_dir={resumed}", "--max_iters=6", "--init_from=resume")
-    a, b = read_log(straight, "train"), read_log(resumed, "train")
+    a, b = straight_and_resumed(common, tmp_path, 6)
     same_run(a[3:], b[3:])
     assert a[-1]["loss"] < a[0]["loss"]
-    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(tmp_path / "straight", "ckpt.pt"), weights_only=False)
     assert len(ckpt["optimizers"]) == 2  # Muon for the blocks' matrices, AdamW for the rest
 
 
@@ -573,11 +578,7 @@ def test_random_gate_compresses_a_random_share_of_steps_the_same_after_resume(to
     assert phases != [phase_of_step(SimpleNamespace(**{**vars(c), "seed": 8}), None, i) for i in range(2000)]
     common = [*TINY, f"--data_dir={token_data}", "--gapt_mode=random", "--gapt_random_share=0.5", "--log_interval=1",
               "--eval_interval=4", "--lr_decay_iters=8"]
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run_train(*common, f"--out_dir={straight}", "--max_iters=8")
-    run_train(*common, f"--out_dir={resumed}", "--max_iters=4")
-    run_train(*common, f"--out_dir={resumed}", "--max_iters=8", "--init_from=resume")
-    a, b = read_log(straight, "train"), read_log(resumed, "train")
+    a, b = straight_and_resumed(common, tmp_path, 8)
     same_run(a, b)
     assert [r["compress_steps"] for r in a] == [r["compress_steps"] for r in b]
     assert {r["phase"] for r in a} == {1, 2}
