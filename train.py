@@ -225,7 +225,8 @@ def layers_mbe(hidden, layers, c):
 
 def compression_loss(ce, layer_mbe, c, step):
     """CE + λ · relu(MBE − floor), averaged over the regularised layers (layer_mbe, from layers_mbe); with
-    mbe_layers="rotate", only one of them, cycling with the step. A floor of 0 changes nothing (MBE >= 0)."""
+    mbe_layers="rotate", only one of them, cycling with the step (GAPT still sees them all). A floor of 0 changes
+    nothing (MBE >= 0)."""
     penalty = (layer_mbe - c.mbe_floor).clamp_min(0)
     penalty = penalty[step % len(penalty)] if c.mbe_layers == "rotate" else penalty.mean()
     return ce + c.mbe_weight * penalty
@@ -306,8 +307,7 @@ def evaluate(model, splits, task_eval, mbe_layers, c, rank, world):
     return out
 
 
-def train_line(r, align):
-    """The stdout line of a train record."""
+def train_line(r, align):  # the stdout line of a train record
     return (f"iter {r['iter']}: loss {r['loss']:.4f} | CE {r['ce']:.4f} | MBE {r['mbe']:.4f} | phase {r['phase']} | "
             f"lr {r['lr']:.2e} | {r['ms_per_iter']:.1f} ms/iter | {r['tokens_per_s']:,.0f} tok/s"
             + (f" | MFU {r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "")
@@ -316,7 +316,7 @@ def train_line(r, align):
 
 # -----------------------------------------------------------------------------
 
-def main(c):
+def main(c):  # setup_processes, setup_compute, open_run and load_data complete c: device, dtype, model shape, vocab
     ddp, rank, local_rank, world = setup_processes(c)
     master = rank == 0
     device_type = "cuda" if c.device.startswith("cuda") else c.device.split(":")[0]
