@@ -166,6 +166,8 @@ def paired_differences(results, metrics):
                 f"{label} {m:+.1f}% ± {s:.1f}%" + (" (beyond the spread)" if len(d) > 1 and abs(m) > s else "")
                 for (label, _), m, s in zip(metrics, d.mean(0), spread)))
             label, column = metrics[0][0], d[:, 0]  # the headline metric: mean, standard error, tests
+            if len(column) < 2:
+                continue
             sign_p, perm_p = paired_tests(column)
             sem = column.std(ddof=1) / np.sqrt(len(column)) if len(column) > 1 else float("nan")
             summary.append(f"  {label}: mean {column.mean():+.2f}% (standard error {sem:.2f}%), lower on "
