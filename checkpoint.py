@@ -181,7 +181,6 @@ def adopt_model_shape(c, shape, defaults, source, advice):
 
 def rng_states(ddp, world, device_type):
     """Every process's torch RNG states (CPU, and CUDA where used), gathered for the checkpoint."""
-    import torch.distributed as dist
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
     if not ddp:
         return [state]

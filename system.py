@@ -19,7 +19,6 @@ from hub import PretrainedError
 from shards import DataError
 
 
-
 def setup_processes(c):
     """(ddp, rank, local_rank, world): torchrun's environment, or a single process. Picks the device."""
     if c.device == "auto":
