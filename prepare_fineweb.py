@@ -142,6 +142,24 @@ def read_jsonl(files, file_of_doc, offset_of_doc, order):
         yield json.loads(f.readline().decode("utf-8"))["text"]
 
 
+def check_parquet(files):
+    """Exits naming the file and row of the first row without a "text" string, before anything is written."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    for path in files:
+        schema = pq.read_schema(path)
+        if "text" not in schema.names:
+            sys.exit(f"error: {path} has no \"text\" column (columns: {', '.join(schema.names)[:100]}); "
+                     f"pass files in FineWeb's schema")
+        if schema.field("text").type not in ("string", "large_string"):
+            sys.exit(f"error: {path}'s \"text\" column holds {schema.field('text').type}, not strings; "
+                     f"pass files in FineWeb's schema")
+        column = pq.read_table(path, columns=["text"]).column("text")
+        if column.null_count:
+            row = pc.index(pc.is_null(column), True).as_py()
+            sys.exit(f"error: {path} row {row} has no text (null); drop the rows with null text from that file")
+
+
 def load_texts(args, files, skip):
     """The documents' texts in the order they are sharded, from document `skip` on (those before are done)."""
     if files and not files[0].endswith(".parquet"):
@@ -152,9 +170,8 @@ def load_texts(args, files, skip):
         return read_jsonl(files, file_of_doc, offset_of_doc, order[skip:])
     import datasets
     if files:
+        check_parquet(files)
         ds = datasets.load_dataset("parquet", data_files=files, split="train")
-        if "text" not in ds.column_names:
-            sys.exit(f"error: the local files have no 'text' column (columns: {ds.column_names})")
         if args.shuffle_seed >= 0:
             ds = ds.shuffle(seed=args.shuffle_seed)
     else:

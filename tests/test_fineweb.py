@@ -270,6 +270,22 @@ def test_a_bad_jsonl_line_exits_cleanly_from_the_command_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad} line 2 is not JSON")
 
 
+@needs_bpe
+@pytest.mark.parametrize("column, problem", [
+    ({"text": ["fine", None, "fine"]}, "row 1 has no text (null)"),
+    ({"body": ["no text"]}, 'has no "text" column (columns: body)'),
+    ({"text": [1, 2]}, 'column holds int64, not strings'),
+])
+def test_a_bad_parquet_file_is_one_error_naming_it_before_any_shard(tmp_path, column, problem):
+    good = write_fineweb_parquet(str(tmp_path / "good"), make_documents(30, seed=1), files=1)
+    bad = str(tmp_path / "part_99.parquet")
+    pq.write_table(pa.table(column), bad)
+    result = prepare(good + [bad], str(tmp_path / "out"), "--num_proc=2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad}") and problem in result.stderr
+    assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") == []
+
+
 def test_missing_bpe_stops_at_once_with_advice(tmp_path):
     """Offline with an empty tiktoken cache: a non-zero exit within seconds that names TIKTOKEN_CACHE_DIR, no hang."""
     path = tmp_path / "docs.jsonl"
