@@ -166,10 +166,10 @@ def paired_differences(results, metrics):
                 f"{label} {m:+.1f}% ± {s:.1f}%" + (" (beyond the spread)" if len(d) > 1 and abs(m) > s else "")
                 for (label, _), m, s in zip(metrics, d.mean(0), spread)))
             label, column = metrics[0][0], d[:, 0]  # the headline metric: mean, standard error, tests
-            if len(column) < 2:
+            if len(column) < 2:  # one seed: no standard error, no test
                 continue
             sign_p, perm_p = paired_tests(column)
-            sem = column.std(ddof=1) / np.sqrt(len(column)) if len(column) > 1 else float("nan")
+            sem = column.std(ddof=1) / np.sqrt(len(column))
             summary.append(f"  {label}: mean {column.mean():+.2f}% (standard error {sem:.2f}%), lower on "
                            f"{int((column < 0).sum())} of {len(column)} seeds; sign test p = {sign_p:.3f}, "
                            f"sign-flip permutation test p = {perm_p:.3f} (two-sided)")
