@@ -7,10 +7,12 @@ What does GAPT cost per step? Times full training steps of the model a config de
 
 Variants, alternated step by step in one process so that machine drift affects them equally:
   (a) baseline           CE only
-  (b) compress           CE + λ·MBE over the regularised layers, patches of mbe_patch_size tokens
+  (b) compress           CE + w·mean MBE over the regularised layers, patches of mbe_patch_size tokens (the
+                         compressing micro-batch of algorithm1, later and project; paper_era's backpropagates one
+                         layer's MBE alone, which costs less than (a))
   (c) compress_whole     the same with mbe_patch_size=0 (one matrix per sequence)
-  (d) memorize           a GAPT memorization-phase step: CE, plus the per-step host sync of the CE that the state
-                         machine needs (the trainer measures MBE without gradients only on log steps)
+  (d) memorize           a paper_era memorization step of one micro-batch: CE, plus what its gate watches on a
+                         step's last micro-batch: every layer's MBE without gradients, and the host sync of both
   (n) nanogpt            only with --nanogpt_dir=PATH (a checkout of github.com/karpathy/nanoGPT): a step of
                          ITS model.py and configure_optimizers at the same shapes, batch, dtype and compile, so the
                          baseline's throughput can be compared with nanoGPT's on the same machine
@@ -20,8 +22,10 @@ eigenvalue path (α=1) at --alpha_shape, and this machine's peak matmul FLOP/s, 
 With --mbe_compiled=1 (the default when the config compiles) it also times that MBE under torch.compile, and checks
 that it gives the same value: on a GPU the eager MBE is 10% of a GPT-2 124M step (docs/performance.md), and this
 says how much of it compilation could save.
-Bench flags: --steps, --warmup, --alpha_shape=B,N,D (empty to skip), --alpha_threads, --nanogpt_dir, --mbe_compiled
-(0, 1, or -1: as the config's compile); the rest are train.py config.
+--micro_batches=N makes every timed step N micro-batches of batch_size (then one optimizer step), as
+gradient_accumulation_steps does in train.py (default 1: the worst case for (d)).
+Bench flags: --steps, --warmup, --micro_batches, --alpha_shape=B,N,D (empty to skip), --alpha_threads, --nanogpt_dir,
+--mbe_compiled (0, 1, or -1: as the config's compile); the rest are train.py config.
 """
 
 import importlib.util
@@ -39,10 +43,10 @@ from model import GPT, GPTConfig
 from shards import read_meta
 from configurator import ConfigError
 from system import setup_compute
-from train import GAPT, compression_loss, layers_mbe, load_config, regularised_layers
+from train import GAPT, layers_mbe, load_config, regularised_layers
 
-BENCH_FLAGS = {"steps": 20, "warmup": 3, "alpha_shape": "8,1024,768", "alpha_threads": 1, "nanogpt_dir": "",
-               "mbe_compiled": -1}
+BENCH_FLAGS = {"steps": 20, "warmup": 3, "micro_batches": 1, "alpha_shape": "8,1024,768", "alpha_threads": 1,
+               "nanogpt_dir": "", "mbe_compiled": -1}
 STRING_FLAGS = ("alpha_shape", "nanogpt_dir")
 
 
@@ -125,12 +129,12 @@ def main(argv):
     optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
                                             muon=c.optimizer == "muon")  # the config's: AdamW, or Muon + AdamW
     forward = torch.compile(model) if c.compile else model
-    layers = regularised_layers(c.mbe_layers, c.n_layer)
+    layers = regularised_layers(c.mbe_layers, c.n_layer, c.gapt_version)
     whole = SimpleNamespace(**{**vars(c), "mbe_patch_size": 0})
-    gapt = GAPT()
+    gapt = GAPT(micro_batches=2, n_regularised=len(layers), patience_memorize=10 ** 9)  # never leaves memorization
     x = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
     y = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
-    tokens = c.batch_size * c.block_size
+    tokens = bench.micro_batches * c.batch_size * c.block_size  # per timed step
     variants = ["baseline", "compress", "compress_whole", "memorize"]
     if bench.nanogpt_dir:
         nano_model, nano_optimizer = load_nanogpt(bench.nanogpt_dir, c, vocab_size, device_type)
@@ -142,22 +146,26 @@ def main(argv):
             with autocast:
                 return nano_forward(x, y)[1], None
         with autocast:
-            _, ce, hidden = forward(x, y, return_hidden=variant.startswith("compress"))
-        if variant == "compress":
-            return compression_loss(ce, layers_mbe(hidden, layers, c), c, 0), ce
-        if variant == "compress_whole":
-            return compression_loss(ce, layers_mbe(hidden, layers, whole), whole, 0), ce
+            _, ce, hidden = forward(x, y, return_hidden=variant != "baseline")
+        if variant.startswith("compress"):
+            return ce + c.mbe_weight * layers_mbe(hidden, layers, c if variant == "compress" else whole).mean(), ce
+        if variant == "memorize":
+            with torch.no_grad():
+                return ce, (ce, layers_mbe(hidden, list(range(c.n_layer)), c))
         return ce, ce
 
     def train_step(variant):
         opts = [nano_optimizer] if variant == "nanogpt" else optimizers
-        loss, ce = forward_loss(variant)
-        loss.backward()
+        for micro in range(bench.micro_batches):  # (d) watches the step's last micro-batch only, as the trainer does
+            last = micro == bench.micro_batches - 1
+            loss, ce = forward_loss(variant if last or variant != "memorize" else "baseline")
+            loss.backward()
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if variant == "memorize":
-            gapt.step(torch.stack([ce.detach()]).tolist()[0])  # the host sync the state machine needs
+            watched = torch.cat([ce[0].detach().float().view(1), ce[1].float()]).tolist()  # one host sync
+            gapt.step(watched[0], watched[1:])
 
     times = {v: [] for v in variants}
     memory = {}

@@ -26,14 +26,16 @@ KEY_TYPES = {"mbe_layers": (str, list, tuple), "eval_data_dirs": (str, list, tup
 
 # the range of every key that is not a bool (a bool's type is its range)
 CHOICES = {"gapt_mode": ("off", "gapt", "always", "random"), "optimizer": ("adamw", "muon"),
+           "gapt_version": ("paper_era", "algorithm1", "later", "project"),
            "dtype": ("auto", "float32", "bfloat16", "float16")}
 POSITIVE = ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
             "eval_interval", "log_interval", "eval_iters", "gapt_tau", "gapt_patience_memorize",
             "gapt_patience_compress", "mbe_alpha", "ddp_timeout")
 NON_NEGATIVE = ("learning_rate", "max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
-                "mbe_weight", "mbe_floor", "gapt_delta_mbe_abs", "num_threads", "peak_flops", "align_interval",
+                "mbe_weight", "mbe_floor", "gapt_delta_mbe_abs",
+                "gapt_delta", "gapt_delta_mbe", "num_threads", "peak_flops", "align_interval",
                 "vocab_size", "mbe_patch_size", "seed")
-FRACTION = ("dropout", "beta1", "beta2", "gapt_delta", "gapt_ema")  # in [0, 1)
+FRACTION = ("dropout", "beta1", "beta2", "gapt_ema")  # in [0, 1)
 UNIT_INTERVAL = ("gapt_random_share",)  # in [0, 1]
 FREE_TEXT = ("out_dir", "wandb_project", "wandb_run_name", "data_dir", "device")  # any string (device: checked
 # against the machine by train.py)
@@ -138,6 +140,18 @@ def validate(c):
     if len(set(names)) < len(names) or set(names) & {"train", "val", "test"}:
         raise ConfigError(f"eval_data_dirs: their folder names ({', '.join(names)}) name their metrics (NAME_ce), "
                           f"so they must differ from each other and from train, val and test; rename or link them")
+    if c["gapt_version"] != "project":
+        project_options = {"gapt_ema": c["gapt_ema"] != 0, "mbe_floor": c["mbe_floor"] != 0,
+                           "gapt_delta_mbe_abs": c["gapt_delta_mbe_abs"] != 0,
+                           "mbe_layers": c["mbe_layers"] == "rotate"}
+        for key in (k for k, used in project_options.items() if used):
+            raise ConfigError(f"config key {key!r}={c[key]!r} is an option of gapt_version='project' (this project's "
+                              f"earlier rules), not of {c['gapt_version']!r}: add --gapt_version=project, or leave "
+                              f"{key} out")
+    if c["gapt_version"] == "paper_era" and c["gapt_mode"] != "off" and c["gradient_accumulation_steps"] < 2:
+        raise ConfigError("gapt_version='paper_era' compresses on odd micro-batches of a step, so with "
+                          "gradient_accumulation_steps=1 it never compresses: give it 2 or more (the author ran 4-8; "
+                          "divide batch_size to keep the tokens per step), or choose another gapt_version")
     if c["min_lr"] > c["learning_rate"]:
         raise ConfigError(f"config key 'min_lr' ({c['min_lr']}) must not exceed learning_rate ({c['learning_rate']})")
     if c["n_embd"] % c["n_head"]:

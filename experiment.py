@@ -3,10 +3,10 @@ Run configs over several seeds, resumably, and print a Markdown table of the res
 against the first config (the baseline).
 
     python prepare_mult.py
-    python experiment.py                                       # multiplication: baseline, GAPT, always; seeds 0 1 2
+    python experiment.py                                       # multiplication: baseline, GAPT (paper_era), always
     python experiment.py --seeds 0 1 2 3 4 5 --jobs 2          # two runs at a time, one thread each
     python experiment.py --table_only                          # re-read finished runs, print the table again
-    python experiment.py --configs config/mult_gapt.py config/mult_gapt.py+mbe_center=True+mbe_floor=0.5
+    python experiment.py --configs config/mult_baseline.py config/mult_baseline.py,config/gapt_algorithm1.py
     python experiment.py --out_root out-text-experiment --jobs 2 --configs config/kernel_docs_baseline.py \
         config/kernel_docs_gapt.py config/kernel_docs_gapt.py+gapt_ema=0.9 config/kernel_docs_always.py
 
@@ -42,7 +42,8 @@ from checkpoint import read_log
 from train import SWITCH_REASONS, load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIGS = ["config/mult_baseline.py", "config/mult_gapt.py", "config/mult_always.py"]
+DEFAULT_CONFIGS = ["config/mult_baseline.py", "config/mult_baseline.py,config/gapt_paper_era.py",
+                   "config/mult_baseline.py,config/gapt_paper_era.py+gapt_mode=always"]
 PAPER = {"mult": "the paper reports a 35% lower OOD answer-CE for GAPT",
          "text": "the paper reports, for GPT-2 124M on FineWeb, MBE -50% and CE -4.8% for GAPT"}
 
@@ -100,7 +101,8 @@ def final_metrics(out_dir, max_iters=None):
     best = min(evals, key=lambda r: r["val_ce"])  # early stopping: the checkpoint with the best validation CE
     return {"iter": last_eval["iter"], "id_ce": last_eval.get("id_answer_ce"),
             "ood_ce": last_eval.get("ood_answer_ce"), "id_exact": last_eval.get("id_exact"),
-            "ood_exact": last_eval.get("ood_exact"), "val_ce": last_eval["val_ce"],
+            "ood_exact": last_eval.get("ood_exact"), "near_ce": last_eval.get("near_answer_ce"),
+            "near_exact": last_eval.get("near_exact"), "val_ce": last_eval["val_ce"],
             "mbe": last_eval["val_mbe"], "mbe_layers": last_eval["val_mbe_layers"],
             "extra_ce": {k: last_eval[f"{k}_ce"] for k in corpora},
             "extra_ce_best": {k: best.get(f"{k}_ce") for k in corpora}, "best_iter": best["iter"],
@@ -183,8 +185,10 @@ def table(results):
     mult = all(r["ood_ce"] is not None for runs in runs_of.values() for r in runs)
     extra = sorted({k for runs in runs_of.values() for r in runs for k in r["extra_ce"]})
     split = not mult and any(r["test_ce"] is not None for runs in runs_of.values() for r in runs)
+    near = mult and all(r["near_ce"] is not None for runs in runs_of.values() for r in runs)  # data since 2026-12-01
     if mult:
         task_columns = ["ID answer-CE", "OOD answer-CE", "ID exact", "OOD exact"]
+        task_columns += ["near-OOD answer-CE", "near-OOD exact"] if near else []
     elif split:  # a test split: early stopping (the eval with the best val CE) beside the last step
         task_columns = ["val CE", "best val CE (step)", "test CE at best val", "test CE at end",
                         *[f"{k} CE at best val" for k in extra], *[f"{k} CE at end" for k in extra],
@@ -200,6 +204,8 @@ def table(results):
             task = [mean_std([r["id_ce"] for r in runs], ".3f"), mean_std([r["ood_ce"] for r in runs], ".3f"),
                     mean_std([100 * r["id_exact"] for r in runs], ".1f") + "%",
                     mean_std([100 * r["ood_exact"] for r in runs], ".1f") + "%"]
+            task += [mean_std([r["near_ce"] for r in runs], ".3f"),
+                     mean_std([100 * r["near_exact"] for r in runs], ".1f") + "%"] if near else []
         elif split:
             task = [mean_std([r["val_ce"] for r in runs], ".3f"),
                     f"{mean_std([r['best_val_ce'] for r in runs], '.3f')} "
@@ -245,7 +251,7 @@ def table(results):
                          f" than {names[0]} ({over})")
         if mult:
             metrics = [("OOD answer-CE", lambda r: r["ood_ce"]), ("ID answer-CE", lambda r: r["id_ce"]),
-                       ("MBE", lambda r: r["mbe"])]
+                       *([("near-OOD answer-CE", lambda r: r["near_ce"])] if near else []), ("MBE", lambda r: r["mbe"])]
         elif split:
             metrics = [("test CE at best val", lambda r: r["test_ce_best"]), ("test CE at end", lambda r: r["test_ce"]),
                        *[(f"{k} CE at best val", lambda r, k=k: r["extra_ce_best"][k]) for k in extra],

@@ -13,7 +13,8 @@ a batch of samples is the "sequence", cut into patches of 8 samples for the MBE.
 
 Schedules: "mix->A" trains on a mix of A and B, then fine-tunes on A only (interference = how much B is forgotten);
 "A->B" trains on A, then on B (interference = how much A is forgotten).
-Methods: baseline (loss only), always (loss + λ·MBE at every step), gapt (the GAPT class of train.py).
+Methods: baseline (loss only), always (loss + λ·MBE at every step), gapt (this project's own rules, gapt_versions.ProjectGate,
+with which docs/forgetting.md was measured).
 """
 
 import argparse
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from mbe import patched_mbe
-from train import GAPT
+from gapt_versions import ProjectGate
 
 PAPER_SEPARATION_GAIN = 97  # percent, the paper's figure for GAPT against the baseline
 
@@ -95,7 +96,7 @@ def run(method, schedule, seed, magnitude, args):
     torch.manual_seed(seed)  # the student's init: the same for every method
     student = Student(args.d, args.hidden, args.out)
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)
-    gapt = GAPT(patience_memorize=args.patience_memorize, patience_compress=args.patience_compress,
+    gapt = ProjectGate(patience_memorize=args.patience_memorize, patience_compress=args.patience_compress,
                 delta_mbe_abs=args.delta_mbe_abs)
     data_gen = torch.Generator().manual_seed(20_000 + seed)  # the same batches for every method
 

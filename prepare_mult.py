@@ -103,6 +103,17 @@ def _within_holdout_quota(a, b, max_fraction):
     return keep
 
 
+def near_ood_problems(n, train_digits, ood_digits, seed):
+    """The near out-of-distribution split: one operand of the shortest OOD length (4 digits by default), the other of
+    a training length (1-3), in either order. Drawn from a generator of its own, so that adding it changed no other
+    byte of the data. Harder than ID, nearer than 4-6 x 4-6 digits, which every model here gets wrong."""
+    rng = np.random.default_rng([seed, 1])
+    long, _ = sample_problems(n, (ood_digits[0], ood_digits[0]), rng)
+    short, _ = sample_problems(n, train_digits, rng)
+    swap = rng.random(n) < 0.5
+    return np.where(swap, short, long), np.where(swap, long, short)
+
+
 def make_dataset(train_examples=1_000_000, val_examples=10_000, eval_examples=1000, train_digits=(1, 3),
                  ood_digits=(4, 6), seed=0, reverse_answer=False, holdout_fraction=0.1):
     """Returns (train_tokens, val_tokens, meta). No validation problem (in either order) is in the training set,
@@ -131,6 +142,7 @@ def make_dataset(train_examples=1_000_000, val_examples=10_000, eval_examples=10
         need -= len(train_a[-1])
     train_a, train_b = np.concatenate(train_a), np.concatenate(train_b)
     ood_a, ood_b = sample_problems(eval_examples, ood_digits, rng)
+    near_a, near_b = near_ood_problems(eval_examples, train_digits, ood_digits, seed)
     meta = {
         "task": "multiplication", "vocab": VOCAB, "vocab_size": len(VOCAB), "end_token": END,
         "reverse_answer": reverse_answer, "seed": seed, "train_digits": list(train_digits),
@@ -139,9 +151,10 @@ def make_dataset(train_examples=1_000_000, val_examples=10_000, eval_examples=10
         "holdout_fraction": holdout_fraction,
         "eval_id": np.stack([id_a, id_b], 1).tolist(),
         "eval_ood": np.stack([ood_a, ood_b], 1).tolist(),
+        "eval_near": np.stack([near_a, near_b], 1).tolist(),
     }
     # the longest evaluation input ("<end>a*b=" + answer): train.py checks that block_size covers it
-    ea, eb = np.array(meta["eval_id"] + meta["eval_ood"]).T
+    ea, eb = np.array(meta["eval_id"] + meta["eval_ood"] + meta["eval_near"]).T
     meta["eval_block_size"] = int((3 + num_digits(ea) + num_digits(eb) + num_digits(ea * eb)).max())
     val_tokens = problems_to_tokens(val_a, val_b, reverse_answer)
     return problems_to_tokens(train_a, train_b, reverse_answer), val_tokens, meta
@@ -200,14 +213,14 @@ def answer_metrics(model, problems, reverse_answer=False, device="cpu", batch_si
 
 
 def make_evaluator(data_dir, meta, device, block_size):
-    """The task evaluation train.py runs at every eval: ID and OOD answer CE and exact match (never used to steer
-    training: model selection uses the ID validation CE)."""
+    """The task evaluation train.py runs at every eval: ID, OOD and near-OOD answer CE and exact match (never used to
+    steer training: model selection uses the ID validation CE)."""
     if block_size < meta["eval_block_size"]:
         raise DataError(f"block_size {block_size} is shorter than the longest evaluation problem of {data_dir} "
                         f"({meta['eval_block_size']} tokens); raise block_size")
     def evaluate(model):
         out = {}
-        for split in ("id", "ood"):
+        for split in (s for s in ("id", "ood", "near") if f"eval_{s}" in meta):  # near: data prepared since 2026-12-01
             m = answer_metrics(model, meta[f"eval_{split}"], meta["reverse_answer"], device)
             out.update({f"{split}_answer_ce": m["answer_ce"], f"{split}_exact": m["exact"],
                         f"{split}_exact_by_digits": m["exact_by_digits"]})
@@ -257,7 +270,8 @@ def main(argv=None):
     os.replace(tmp, os.path.join(args.out_dir, "meta.json"))
     longest = meta["eval_block_size"]
     print(f"wrote {args.out_dir}: {len(train):,} train tokens ({args.train_examples:,} examples), {len(val):,} val "
-          f"tokens, {args.eval_examples} ID + {args.eval_examples} OOD evaluation problems; "
+          f"tokens, {args.eval_examples} ID + {args.eval_examples} OOD + {args.eval_examples} near-OOD evaluation "
+          f"problems; "
           f"the longest OOD example needs block_size >= {longest}")
     print("example:", decode(train[:40]).replace("\n", "⏎"))
 

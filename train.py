@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from alignment import gradient_alignment
 from checkpoint import MODEL_KEYS, open_run, restore, rng_states, save_checkpoint
 from configurator import ConfigError, load_config as parse_config
+from gapt_versions import SWITCH_REASONS, Algorithm1Gate, LaterGate, ProjectGate
 from hub import load_pretrained_state
 from mbe import patched_mbe
 from model import GPT, GPTConfig
@@ -53,9 +54,9 @@ DEFAULTS = dict(
     data_dir="data/mult",  # train_*.bin / val_*.bin (and optionally test_*.bin) token shards and meta.json
     eval_data_dirs=[],  # more prepared directories whose val split every eval measures too (logged as NAME_ce)
     vocab_size=0,  # 0: read it from data_dir/meta.json
-    batch_size=64,  # sequences per micro-batch, per process
+    batch_size=16,  # sequences per micro-batch, per process
     block_size=32,
-    gradient_accumulation_steps=1,  # micro-batches per optimizer step over all processes (divided by the world size)
+    gradient_accumulation_steps=4,  # micro-batches per optimizer step over all processes (divided by the world size)
     # model
     n_layer=4,
     n_head=4,
@@ -74,21 +75,24 @@ DEFAULTS = dict(
     warmup_iters=100,  # a run shorter than this warms up over all of it
     lr_decay_iters=0,  # 0: decay over all max_iters
     min_lr=3e-4,
-    # GAPT
-    gapt_mode="gapt",  # "off" (CE only), "gapt" (the state machine), "always" (CE + λ·MBE every step), "random"
+    # GAPT (docs/gapt_versions.md: each version's rules, where the author's code has them, and which keys it reads)
+    gapt_mode="gapt",  # "off" (CE only), "gapt" (the gate), "always" (compress every step), "random"
+    gapt_version="paper_era",  # "paper_era" (the author's train_pcgrad.py), "algorithm1", "later", "project"
     gapt_random_share=0.3,  # gapt_mode="random": the share of steps, drawn at random, that compress
-    mbe_weight=0.1,  # λ in loss = CE + λ · mean MBE over mbe_layers (compression phase)
+    mbe_weight=1.0,  # w: paper_era w·MBE of one layer; algorithm1 CE + w·mean MBE; later CE + max(w·mean MBE, 1e-5)
     mbe_alpha=2.0,  # Rényi order α of the matrix-based entropy
     mbe_patch_size=8,  # tokens per MBE matrix (0: the whole sequence)
-    mbe_layers="auto",  # "auto" (every block but the first and last), "rotate" (one of those per step), or a list
+    mbe_layers="auto",  # "auto" (the version's regularised blocks), "rotate" (project only), or a list of indices
     mbe_center=False,  # subtract each patch's mean token before the MBE
-    mbe_floor=0.0,  # the compression loss stops rewarding MBE below this value: λ · relu(MBE − floor)
-    gapt_delta=0.01,  # relative improvement that counts as progress
-    gapt_delta_mbe_abs=0.0,  # > 0: MBE progress is an absolute drop of more than this instead
-    gapt_tau=0.1,  # a CE above ce_min · (1 + tau) during compression ends it
-    gapt_patience_memorize=125,
-    gapt_patience_compress=75,
-    gapt_ema=0.0,  # > 0: the state machine sees running means of CE and MBE (new value weighted 1 - gapt_ema)
+    gapt_delta=0.01,  # CE progress: a drop of more than this (absolute: paper_era, algorithm1; relative: the others)
+    gapt_delta_mbe=0.002,  # MBE progress, likewise (paper_era, later; algorithm1 uses gapt_delta, project below)
+    gapt_tau=0.1,  # a CE above (1 + tau) x the best CE ends compression (ce_spike; each version's own best)
+    gapt_patience_memorize=125,  # steps without CE progress before compression (later: micro-batches)
+    gapt_patience_compress=125,  # steps without MBE progress before memorization (later: micro-batches)
+    gapt_count_mbe_progress=True,  # paper_era: False never counts MBE progress (the later RRScheduler copies)
+    mbe_floor=0.0,  # project: the compression loss is CE + w · relu(MBE − floor)
+    gapt_delta_mbe_abs=0.0,  # project: > 0 makes MBE progress an absolute drop of more than this
+    gapt_ema=0.0,  # project: > 0, the gate sees running means of CE and MBE (new value weighted 1 - gapt_ema)
     # system
     device="auto",  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", "mps"
     dtype="auto",  # "auto" (bfloat16 on CUDA where supported, else float16 on CUDA, float32 on CPU), or explicit
@@ -106,81 +110,75 @@ def load_config(args):
 
 
 # -----------------------------------------------------------------------------
-# GAPT: the paper's Algorithm 1, with scale-free (relative) thresholds.
-
-SWITCH_REASONS = ("ce_plateau", "ce_spike", "mbe_patience")  # why a phase ends; experiment.py's tables use these
-
+# GAPT as the author's training code of the paper's time ran it (gapt_version="paper_era"; the other versions:
+# gapt_versions.py; where each rule was read: docs/gapt_versions.md)
 
 class GAPT:
-    """Gated phase transition between memorization (phase 1, loss = CE) and compression (phase 2, loss = CE + λ·MBE).
+    """RRScheduler (fangyuan-ksgk/mod_gpt src/utils.py) as train_pcgrad.py --switch_phase drives it. Memorization
+    (phase 1) backpropagates CE; in compression (phase 2) each micro-batch backpropagates either CE alone or one
+    regularised layer's MBE alone, by a counter over the step's micro-batches (compressed_layer).
 
-    Call step(ce, mbe) once per optimizer step with that step's CE and per-layer MBE (ignored in phase 1); it returns
-    the phase for the next step. "x improved on best" means best is +inf or x < best·(1 − delta); with delta_mbe_abs
-    > 0, an MBE improves only if it drops by more than that absolute amount. After a step that switched, last_switch
-    says why (one of SWITCH_REASONS: "ce_plateau" memorization → compression; "ce_spike" or "mbe_patience"
-    compression → memorization) and the values the rule compared.
+    step(ce, mbe) runs once per optimizer step, on the step's last micro-batch before its backward, with that
+    micro-batch's CE and the MBE of every layer. It advances the counter (which wraps at micro_batches; at each wrap
+    the compressed layer moves on to the next regularised one), then:
+    - updates the best CE and each layer's MBE minimum, and counts both counters, on every step in both phases:
+      s_m restarts when the best CE minus CE exceeds delta, s_c when some layer's MBE is more than delta_mbe below
+      its own minimum (absolute; a best of +inf is no progress);
+    - phase 2 -> 1 when CE >= (1 + tau) * the best CE, tested before it is updated (ce_spike: the best restarted
+      when compression began), or when s_c reaches patience_compress (mbe_patience); s_m and the MBE minima restart;
+    - phase 1 -> 2 when s_m reaches patience_memorize (ce_plateau); s_c and the best CE restart.
+    count_mbe_progress=False: the later copies of RRScheduler, which train_pcgrad.py's arguments select, never count
+    MBE progress, so a compression phase lasts patience_compress steps unless CE spikes."""
 
-    ema > 0 is an option beyond the paper: the rules see exponential moving averages (weight 1 − ema on the new
-    value) of CE and of each layer's MBE instead of the raw step values, so that batch noise in a small step's CE can
-    neither fake progress nor a spike. The MBE average restarts with each compression phase.
-    """
-    def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=125, patience_compress=75, delta_mbe_abs=0.0,
-                 ema=0.0):
-        self.delta, self.tau, self.delta_mbe_abs, self.ema = delta, tau, delta_mbe_abs, ema
+    def __init__(self, *, micro_batches, n_regularised, delta=0.01, delta_mbe=0.002, tau=0.1, patience_memorize=125,
+                 patience_compress=125, count_mbe_progress=True):
+        self.micro_batches, self.n_regularised, self.count_mbe_progress = micro_batches, n_regularised, \
+            count_mbe_progress
+        self.delta, self.delta_mbe, self.tau = delta, delta_mbe, tau
         self.patience_memorize, self.patience_compress = patience_memorize, patience_compress
         # the state: everything below (every attribute that is not a keyword argument) is saved by state_dict
         self.phase = 1
-        self.ce_min = math.inf
-        self.mbe_min = None  # per-layer minima, set to +inf at the start of each compression phase
-        self.s_m = 0  # steps without CE progress (memorization)
-        self.s_c = 0  # steps without MBE progress (compression)
-        self.switches = 0  # phase changes so far
-        self.ce_avg, self.mbe_avg = None, None  # the running means the rules see when ema > 0
+        self.ce_min = math.inf  # the best CE since compression last began
+        self.mbe_min = None  # per-layer MBE minima since memorization last began (+inf after a reset)
+        self.s_m, self.s_c = 0, 0  # steps without CE progress, without MBE progress
+        self.switches = 0
+        self.micro = 0  # the author's current_accumulation_step
+        self.layer = 0  # which regularised layer compression backpropagates (an index into them)
         self.last_switch = None  # why the latest step switched phase (None if it did not)
 
-    def _smooth(self, avg, x):
-        return x if avg is None or self.ema == 0 else self.ema * avg + (1 - self.ema) * x
+    def compressed_layer(self, phase):
+        """The regularised layer (an index into them) whose MBE alone a micro-batch backpropagates, or None: CE."""
+        return self.layer % self.n_regularised if phase == 2 and self.micro % 2 == 1 else None  # (a resume may
+        # regularise other layers)
 
-    def _improved(self, x, best, absolute=0.0):
-        if math.isinf(best):
-            return True
-        return x < best - absolute if absolute > 0 else x < best * (1 - self.delta)
+    def advance(self):  # the counter alone: what every step does, whether or not the gate switches
+        self.micro = (self.micro + 1) % self.micro_batches
+        if self.micro == 0:
+            self.layer = (self.layer + 1) % self.n_regularised
 
-    def _enter(self, phase, reason, **values):
-        self.last_switch = {"reason": reason, **values}
-        self.phase = phase
-        self.switches += 1
-        if phase == 1:
-            self.s_m = 0
-        else:
-            self.s_c = 0
-            self.mbe_min, self.mbe_avg = None, None
-
-    def step(self, ce, mbe=None):
+    def step(self, ce, mbe):
         self.last_switch = None
-        ce = self.ce_avg = self._smooth(self.ce_avg, float(ce))
-        if self.phase == 1:
-            self.s_m = 0 if self._improved(ce, self.ce_min) else self.s_m + 1
-            self.ce_min = min(self.ce_min, ce)
-            if self.s_m >= self.patience_memorize:
-                self._enter(2, "ce_plateau", ce=ce, ce_min=self.ce_min, steps_without_progress=self.s_m)
-        else:
-            if ce > self.ce_min * (1 + self.tau):  # a CE spike against the best so far: back to memorizing
-                self._enter(1, "ce_spike", ce=ce, ce_min=self.ce_min, ce_limit=self.ce_min * (1 + self.tau))
-                return self.phase
-            if mbe is None:
-                raise ValueError("GAPT.step: the compression phase needs this step's per-layer MBE")
-            mbe = [float(m) for m in (mbe if isinstance(mbe, (list, tuple)) else [mbe])]
-            mbe = self.mbe_avg = [self._smooth(a, m) for a, m in zip(self.mbe_avg or [None] * len(mbe), mbe)]
-            if self.mbe_min is None:
-                self.mbe_min = [math.inf] * len(mbe)
-            progress = any(self._improved(m, best, self.delta_mbe_abs) for m, best in zip(mbe, self.mbe_min))
-            self.s_c = 0 if progress else self.s_c + 1
+        self.advance()
+        ce, mbe = float(ce), [float(m) for m in mbe]
+        ce_min_before, ce_gain = self.ce_min, max(0.0, self.ce_min - ce)
+        spike = ce >= self.ce_min * (1 + self.tau)
+        self.ce_min = min(self.ce_min, ce)
+        self.mbe_min = self.mbe_min or [math.inf] * len(mbe)
+        mbe_gain = max([0.0] + [best - m for m, best in zip(mbe, self.mbe_min)]) if self.count_mbe_progress else 0.0
+        if self.count_mbe_progress:
             self.mbe_min = [min(m, best) for m, best in zip(mbe, self.mbe_min)]
-            self.ce_min = min(self.ce_min, ce)
-            if self.s_c >= self.patience_compress:
-                self._enter(1, "mbe_patience", mbe=mbe, mbe_min=self.mbe_min, steps_without_progress=self.s_c,
-                            ce=ce, ce_min=self.ce_min)
+        self.s_m = 0 if self.delta < ce_gain < math.inf else self.s_m + 1
+        self.s_c = 0 if self.delta_mbe < mbe_gain < math.inf else self.s_c + 1
+        if self.phase == 2 and (spike or self.s_c >= self.patience_compress):
+            self.last_switch = {"reason": "ce_spike" if spike else "mbe_patience", "ce": ce, "ce_min": ce_min_before,
+                                "ce_limit": ce_min_before * (1 + self.tau), "mbe": mbe, "mbe_min": self.mbe_min,
+                                "steps_without_progress": self.s_c}
+            self.phase, self.s_m, self.mbe_min = 1, 0, None
+        elif self.phase == 1 and self.s_m >= self.patience_memorize:
+            self.last_switch = {"reason": "ce_plateau", "ce": ce, "ce_min": self.ce_min,
+                                "steps_without_progress": self.s_m}
+            self.phase, self.s_c, self.ce_min = 2, 0, math.inf
+        self.switches += self.last_switch is not None
         return self.phase
 
     def state_dict(self):  # the settings (the keyword arguments, stored under their own names) come from the config
@@ -192,9 +190,30 @@ class GAPT:
             setattr(self, k, v)
 
 
+GAPT_VERSIONS = {  # the first line of every run names its version
+    "paper_era": "the author's training code of the paper's time (mod_gpt train_pcgrad.py + RRScheduler)",
+    "algorithm1": "the author's class in the notation of the paper's Algorithm 1 (minimind src/sorl.py)",
+    "later": "the author's later code (mod_gpt src/gapt.py + train_iblm.py + run_iblm.sh)",
+    "project": "this project's own rules until 2026-12-01"}
+
+
+def make_gate(c, n_regularised):
+    """The gate of c.gapt_version, from the config's GAPT keys (README's table says which version reads which)."""
+    common = dict(delta=c.gapt_delta, tau=c.gapt_tau, patience_memorize=c.gapt_patience_memorize,
+                  patience_compress=c.gapt_patience_compress)
+    if c.gapt_version == "paper_era":
+        return GAPT(micro_batches=c.gradient_accumulation_steps, n_regularised=n_regularised,
+                    delta_mbe=c.gapt_delta_mbe, count_mbe_progress=c.gapt_count_mbe_progress, **common)
+    if c.gapt_version == "algorithm1":
+        return Algorithm1Gate(**common)
+    if c.gapt_version == "later":
+        return LaterGate(delta_mbe=c.gapt_delta_mbe, **common)
+    return ProjectGate(delta_mbe_abs=c.gapt_delta_mbe_abs, ema=c.gapt_ema, **common)
+
+
 def phase_of_step(c, gapt, iter_num):
-    """1 = memorization (loss = CE), 2 = compression (loss = CE + λ·MBE), by gapt_mode. "random" compresses on a
-    random share of the steps, drawn per step from (seed, step): the same on every process and after a resume."""
+    """1 = memorization (loss = CE), 2 = compression, by gapt_mode. "random" compresses on a random share of the
+    steps, drawn per step from (seed, step): the same on every process and after a resume."""
     if c.gapt_mode == "gapt":
         return gapt.phase
     if c.gapt_mode == "random":
@@ -203,12 +222,16 @@ def phase_of_step(c, gapt, iter_num):
 
 
 # -----------------------------------------------------------------------------
-# The compression loss: CE + λ · mean over the regularised layers l of relu(S_α(R_l) − floor)
+# The compression loss of each version, over the regularised layers
 
-def regularised_layers(mbe_layers, n_layer):
-    """The blocks whose residual stream the compression loss sees, as a sorted list of indices. "auto" and "rotate":
-    every block but the first and the last (all of them when there are fewer than 3)."""
+def regularised_layers(mbe_layers, n_layer, version):
+    """The blocks whose residual stream compression sees, as a sorted list of indices. "auto": blocks 2 ... L-3 for
+    paper_era and algorithm1 (the author's start_layer=2, end_layer=n_layer-2), or blocks 1 ... L-2 where that is
+    empty (fewer than 5 blocks); every block but the first and last for later and project ("rotate" too); all blocks
+    when there are fewer than 3."""
     if isinstance(mbe_layers, str):
+        if version in ("paper_era", "algorithm1") and n_layer >= 5:
+            return list(range(2, n_layer - 2))
         return list(range(1, n_layer - 1)) if n_layer >= 3 else list(range(n_layer))
     if not all(0 <= i < n_layer for i in mbe_layers):
         raise ConfigError(f"mbe_layers {list(mbe_layers)} must be indices in [0, n_layer={n_layer})")
@@ -224,12 +247,26 @@ def layers_mbe(hidden, layers, c):
 
 
 def compression_loss(ce, layer_mbe, c, step):
-    """CE + λ · relu(MBE − floor), averaged over the regularised layers (layer_mbe, from layers_mbe); with
-    mbe_layers="rotate", only one of them, cycling with the step (GAPT still sees them all). A floor of 0 changes
-    nothing (MBE >= 0)."""
+    """A compressing micro-batch's loss from its CE and the MBE of the regularised layers (layer_mbe, from
+    layers_mbe; paper_era: of the one layer it compresses): paper_era w · MBE alone; algorithm1 CE + w · mean MBE;
+    later CE + max(w · mean MBE, 1e-5) (src/gapt.py's clamp); project CE + w · mean relu(MBE − mbe_floor), or with
+    mbe_layers="rotate" only one layer's, cycling with the step. w is mbe_weight."""
+    if c.gapt_version == "paper_era":
+        return c.mbe_weight * layer_mbe.sum()
+    if c.gapt_version == "algorithm1":
+        return ce + c.mbe_weight * layer_mbe.mean()
+    if c.gapt_version == "later":
+        return ce + (c.mbe_weight * layer_mbe.mean()).clamp_min(1e-5)
     penalty = (layer_mbe - c.mbe_floor).clamp_min(0)
     penalty = penalty[step % len(penalty)] if c.mbe_layers == "rotate" else penalty.mean()
     return ce + c.mbe_weight * penalty
+
+
+def one_layer_loss(hidden, layer, c, ddp_model=None):
+    """paper_era's compressing micro-batch: w · MBE of one block's residual stream, alone. Under DDP every parameter
+    joins the graph at weight 0, as its gradient reduction expects (the blocks above, the head: gradient 0)."""
+    loss = compression_loss(None, layers_mbe(hidden, [layer], c), c, None)
+    return loss if ddp_model is None else loss + 0.0 * sum(p.sum() for p in ddp_model.parameters())
 
 
 def step_optimizers(optimizers, scaler, model, grad_clip):
@@ -307,6 +344,39 @@ def evaluate(model, splits, task_eval, mbe_layers, c, rank, world):
     return out
 
 
+def step_means(loss_ce, mbe_sum, mbe_count, world):
+    """Over all processes: the mean loss and CE (loss_ce, each process's mean over its micro-steps), and each layer's
+    mean MBE over the micro-batches that measured it (None where none did)."""
+    t = torch.cat([loss_ce, mbe_sum, mbe_count])
+    for _ in (0,) if world > 1 else ():
+        dist.all_reduce(t)
+    loss, ce = (t[:2] / world).tolist()
+    sums, counts = t[2:].view(2, -1).tolist()
+    return loss, ce, [s / n if n else None for s, n in zip(sums, counts)]
+
+
+def feed_gate(gapt, c, phase, step_loss, mbe_sum, mbe_count, micro_signal, mbe_layers, world, check_finite):
+    """After an optimizer step, the gates fed by the step's means over micro-batches and processes (algorithm1,
+    project) or by each micro-batch in turn (later: micro_signal) step; paper_era's stepped within the step.
+    Returns [(phase before, the switch)] for every switch, so that the log has each."""
+    if isinstance(gapt, GAPT):
+        steps = [(phase, gapt.last_switch)]
+    elif isinstance(gapt, LaterGate):
+        steps = []
+        for ce, mbe in all_reduce_mean(micro_signal, world).mul_(world).tolist():
+            check_finite(ce)
+            before = gapt.phase
+            steps.append((before, gapt.step(ce, mbe) and gapt.last_switch))
+    else:
+        mean_loss, mean_ce, mean_mbe = step_means(step_loss, mbe_sum, mbe_count, world)
+        check_finite(mean_loss)
+        regularised = [mean_mbe[i] for i in mbe_layers] if phase == 2 else None
+        gapt.step(mean_ce, regularised if isinstance(gapt, ProjectGate) or regularised is None else
+                  sum(regularised) / len(regularised))
+        steps = [(phase, gapt.last_switch)]
+    return [(before, switch) for before, switch in steps if switch is not None]
+
+
 def train_line(r, align):  # the stdout line of a train record
     return (f"iter {r['iter']}: loss {r['loss']:.4f} | CE {r['ce']:.4f} | MBE {r['mbe']:.4f} | phase {r['phase']} | "
             f"lr {r['lr']:.2e} | {r['ms_per_iter']:.1f} ms/iter | {r['tokens_per_s']:,.0f} tok/s"
@@ -319,15 +389,20 @@ def train_line(r, align):  # the stdout line of a train record
 def main(c):  # setup_processes, setup_compute, open_run and load_data complete c: device, dtype, model shape, vocab
     ddp, rank, local_rank, world = setup_processes(c)
     master = rank == 0
+    if master:
+        print(f"gapt_mode={c.gapt_mode}: " + ("CE only" if c.gapt_mode == "off" else
+                                             f"gapt_version={c.gapt_version}, {GAPT_VERSIONS[c.gapt_version]}"))
     device_type = "cuda" if c.device.startswith("cuda") else c.device.split(":")[0]
-    micro_steps = c.gradient_accumulation_steps // world  # per process (setup_processes checked it divides)
-    tokens_per_step = c.gradient_accumulation_steps * c.batch_size * c.block_size
+    N = c.gradient_accumulation_steps  # micro-batches per optimizer step, over all processes
+    micro_steps = N // world  # per process (setup_processes checked it divides)
+    tokens_per_step = N * c.batch_size * c.block_size
     ptdtype, autocast = setup_compute(c, device_type)
     torch.manual_seed(c.seed + rank)  # dropout differs per rank; the data order does not (data_rng below)
 
     # out_dir: the run to resume or evaluate, or a fresh one; the model's shape from a checkpoint or OpenAI's GPT-2
     checkpoint, pretrained_dir = open_run(c, DEFAULTS)
-    mbe_layers = regularised_layers(c.mbe_layers, c.n_layer)  # now that the model's depth is known
+    mbe_layers = regularised_layers(c.mbe_layers, c.n_layer, c.gapt_version)  # now that the model's depth is known
+    every_layer, paper_era, later = list(range(c.n_layer)), c.gapt_version == "paper_era", c.gapt_version == "later"
 
     train_data, eval_splits, task_eval = load_data(c)
     data_rng = torch.Generator().manual_seed(c.seed)  # the same on every rank: each takes its slice of the batch
@@ -342,8 +417,7 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
     optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
                                             muon=c.optimizer == "muon")
     scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
-    gapt = GAPT(delta=c.gapt_delta, tau=c.gapt_tau, patience_memorize=c.gapt_patience_memorize,
-                patience_compress=c.gapt_patience_compress, delta_mbe_abs=c.gapt_delta_mbe_abs, ema=c.gapt_ema)
+    gapt = make_gate(c, len(mbe_layers))
     iter_num, best_val_loss, compress_steps = 0, math.inf, 0
     if checkpoint is not None and not c.eval_only:
         iter_num, best_val_loss = restore(checkpoint, optimizers, scaler, gapt, data_rng, rank, world, device_type)
@@ -422,14 +496,10 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
         phase = phase_of_step(c, gapt, iter_num)
         compress_steps += phase == 2
         log_step = (iter_num + 1) % c.log_interval == 0 or iter_num + 1 == c.max_iters  # log after this step
-        measured = []  # the layers whose MBE this step computes: the regularised ones, or all of them to log
-        if phase == 2:
-            measured = mbe_layers
-        elif log_step:
-            measured = list(range(c.n_layer))
 
-        # one optimizer step: the whole global batch's windows come from data_rng; this rank takes its slices
-        positions = train_data.draw(c.gradient_accumulation_steps * c.batch_size, data_rng)
+        # one optimizer step of N micro-batches over all processes (micro-batch j = rank * micro_steps + micro): the
+        # whole global batch's windows come from data_rng; this rank takes its slices
+        positions = train_data.draw(N * c.batch_size, data_rng)
         my_positions = positions[rank * micro_steps * c.batch_size:][:micro_steps * c.batch_size]
         x, y = to_device(*train_data.windows(my_positions[:c.batch_size]), c.device)
         if c.align_interval and iter_num % c.align_interval == 0 and master:
@@ -439,41 +509,62 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
             log({"kind": "align", **record})
             last_align = record["align_cos"]
         step_loss = torch.zeros(2, device=c.device)  # loss and CE, mean over micro-steps
-        step_mbe = torch.zeros(c.n_layer, device=c.device)  # per-layer MBE of the measured layers, likewise
+        mbe_sum, mbe_count = torch.zeros(2, c.n_layer, device=c.device)  # per-layer MBE over the micro-batches measured
+        micro_signal = torch.zeros(N, 2, device=c.device)  # later: each micro-batch's CE and w·mean MBE, for the gate
+        layer_before = gapt.compressed_layer(phase) if paper_era else None  # the counter before the gate steps
         for micro in range(micro_steps):
+            j = rank * micro_steps + micro
             if ddp:
                 model.require_backward_grad_sync = micro == micro_steps - 1  # what no_sync() does
             with autocast:
-                _, ce, hidden = model(x, y, return_hidden=bool(measured))
-            if measured:  # compression (always measured): MBE of mbe_layers in the loss; memorization: logged only
-                with torch.set_grad_enabled(phase == 2):
-                    layer_mbe = layers_mbe(hidden, measured, c)
-                step_mbe[measured] += layer_mbe.detach().float() / micro_steps
-            loss = compression_loss(ce, layer_mbe, c, iter_num) if phase == 2 else ce
+                _, ce, hidden = model(x, y, return_hidden=True)
+            if paper_era:  # the step's last micro-batch shows every layer's MBE to the gate (and to the log)
+                measured = every_layer if j == N - 1 and (c.gapt_mode == "gapt" or log_step) else []
+            else:  # compression measures (with gradients) the regularised layers; the later gate needs them always
+                measured = every_layer if log_step and phase == 1 else mbe_layers if phase == 2 or later else []
+            with torch.set_grad_enabled(phase == 2 and not paper_era):
+                layer_mbe = layers_mbe(hidden, measured, c) if measured else None
+            if measured:
+                mbe_sum[measured] += layer_mbe.detach().float()
+                mbe_count[measured] += 1
+            if paper_era and micro == micro_steps - 1:  # the gate steps here, before this micro-batch's backward
+                if c.gapt_mode == "gapt":  # on the last micro-batch's CE and MBE, which one process holds: sum them
+                    signal = torch.cat([ce.detach().float().view(1), mbe_sum]) * (j == N - 1)
+                    for t in (signal,) if world > 1 else ():
+                        dist.all_reduce(t)
+                    stop_if_not_finite(signal[0].item())
+                    gapt.step(signal[0].item(), signal[1:].tolist())
+                else:
+                    gapt.advance()
+            if paper_era:  # CE alone, or one layer's MBE alone (the last micro-batch after the gate's step)
+                layer = layer_before if j < N - 1 else gapt.compressed_layer(phase_of_step(c, gapt, iter_num))
+                loss = ce if layer is None else one_layer_loss(hidden, mbe_layers[layer], c, raw_model if ddp else None)
+            else:
+                loss = compression_loss(ce, layer_mbe, c, iter_num) if phase == 2 else ce
+            if later:
+                picked = layer_mbe.detach().float()[[measured.index(i) for i in mbe_layers]]
+                micro_signal[j] = torch.stack([ce.detach().float(), c.mbe_weight * picked.mean()])
             step_loss += torch.stack([loss.detach(), ce.detach()]).float() / micro_steps
             if micro + 1 < micro_steps:  # fetch the next micro-batch while this one computes
                 next_positions = my_positions[(micro + 1) * c.batch_size:][:c.batch_size]
                 x, y = to_device(*train_data.windows(next_positions), c.device)
             scaler.scale(loss / micro_steps).backward()
         step_optimizers(optimizers, scaler, raw_model, c.grad_clip)
-        if c.gapt_mode == "gapt":  # the state machine sees the step's mean over micro-steps and processes
-            mean_loss, mean_ce, *mean_mbe = all_reduce_mean(torch.cat([step_loss, step_mbe]), world).tolist()
-            stop_if_not_finite(mean_loss)
-            gapt.step(mean_ce, [mean_mbe[i] for i in mbe_layers] if phase == 2 else None)
-            if gapt.phase != phase:  # an exact record of every switch, for plots
-                log({"kind": "switch", "iter": iter_num + 1, "phase": gapt.phase, "from_phase": phase,
-                     **gapt.last_switch})
+        if c.gapt_mode == "gapt":
+            for from_phase, switch in feed_gate(gapt, c, phase, step_loss, mbe_sum, mbe_count, micro_signal,
+                                                mbe_layers, world, stop_if_not_finite):
+                log({"kind": "switch", "iter": iter_num + 1, "phase": 3 - from_phase, "from_phase": from_phase,
+                     **switch})  # an exact record of every switch, for plots
         interval_loss += step_loss
         iter_num, interval_steps = iter_num + 1, interval_steps + 1
 
         if log_step:
-            loss_mean, ce_mean, *mbe_now = all_reduce_mean(torch.cat([interval_loss / interval_steps, step_mbe]),
-                                                       world).tolist()
+            loss_mean, ce_mean, mbe_now = step_means(interval_loss / interval_steps, mbe_sum, mbe_count, world)
             stop_if_not_finite(loss_mean)
             dt = (time.perf_counter() - t_last) / interval_steps
             record = {"iter": iter_num, "kind": "train", "loss": loss_mean, "ce": ce_mean,
-                      "mbe": sum(mbe_now[i] for i in mbe_layers) / len(mbe_layers),
-                      "mbe_layers": [m if i in measured else None for i, m in enumerate(mbe_now)],  # None: unmeasured
+                      "mbe": sum(mbe_now[i] or 0.0 for i in mbe_layers) / len(mbe_layers),
+                      "mbe_layers": mbe_now,  # None: a layer this step did not measure
                       "lr": lr, "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_step / dt,
                       "mfu": raw_model.estimate_mfu(tokens_per_step / dt, c.peak_flops), "phase": phase,
                       "next_phase": phase_of_step(c, gapt, iter_num), "compress_steps": compress_steps,

@@ -36,5 +36,5 @@ always_save_checkpoint = True
 compile = True
 dtype = "auto"  # bfloat16 where the GPU has it
 gapt_mode = "gapt"
-mbe_weight = 0.1
 mbe_patch_size = 8
+# GAPT: the default, gapt_version="paper_era" (the author's train_pcgrad.py rules, docs/gapt_versions.md)

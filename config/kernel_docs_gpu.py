@@ -30,5 +30,9 @@ device = "cuda"
 dtype = "auto"
 compile = True
 gapt_mode = "gapt"
-mbe_weight = 0.1
 mbe_patch_size = 8
+# GAPT: this project's own rules until 2026-12-01 (gapt_version="project", docs/gapt_versions.md), with which every
+# result of this config in docs/ was measured; config/gapt_paper_era.py after this file runs the author's rules
+gapt_version = "project"
+mbe_weight = 0.1
+gapt_patience_compress = 75

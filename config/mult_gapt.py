@@ -1,5 +1,12 @@
-# The multiplication task (python prepare_mult.py) with GAPT; identical to mult_baseline.py and mult_always.py but
-# for gapt_mode and out_dir. These values are train.py's defaults: `python train.py` runs this configuration.
+# The multiplication task with GAPT as this project ran it until 2026-12-01: its own rules
+# (gapt_version="project", docs/gapt_versions.md) and one micro-batch of 64 sequences per step. Every mult_gapt row
+# of docs/multiplication.md was measured with this file. The author's rules: config/mult_baseline.py followed by
+# config/gapt_paper_era.py (or gapt_algorithm1.py, gapt_later.py).
 out_dir = "out-mult-gapt"
 data_dir = "data/mult"
+batch_size = 64
+gradient_accumulation_steps = 1
 gapt_mode = "gapt"
+gapt_version = "project"
+mbe_weight = 0.1
+gapt_patience_compress = 75

@@ -26,7 +26,7 @@ LOSS_TOL = 0.0 if not ON_CUDA else 2e-3
 # a tiny GPT that trains in well under a second per step on one CPU thread
 TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", f"--device={DEVICE}",
         "--num_threads=1", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4",
-        "--optimizer=adamw"]
+        "--optimizer=adamw", "--gradient_accumulation_steps=2"]  # 2 micro-batches: the least paper_era compresses with
 
 
 def run_train(*args, check=True, env=None, timeout=600, launcher=None):

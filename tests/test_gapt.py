@@ -2,7 +2,7 @@
 
 import math
 
-from train import GAPT
+from gapt_versions import ProjectGate as GAPT
 
 
 def machine(**kw):

@@ -150,8 +150,9 @@ def test_prepare_and_train_end_to_end(tmp_path):
               "--eval_interval=3", "--log_interval=3")
     evals = read_log(out, "eval")
     assert [e["iter"] for e in evals] == [0, 3, 6]
-    for key in ("id_answer_ce", "ood_answer_ce", "id_exact", "ood_exact"):
+    for key in ("id_answer_ce", "ood_answer_ce", "id_exact", "ood_exact", "near_answer_ce", "near_exact"):
         assert math.isfinite(evals[-1][key])
+    assert set(evals[-1]["near_exact_by_digits"]) <= {"4x1", "4x2", "4x3", "1x4", "2x4", "3x4"}
     assert evals[0]["id_answer_ce"] == pytest.approx(math.log(13), abs=0.3)  # untrained: near uniform
     assert set(evals[-1]["ood_exact_by_digits"]) <= {f"{a}x{b}" for a in range(4, 7) for b in range(4, 7)}
     sampled = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--out_dir={out}", "--start=12*34="],
@@ -160,6 +161,19 @@ def test_prepare_and_train_end_to_end(tmp_path):
     assert sampled.stdout.startswith("12*34=") and ("(correct)" in sampled.stdout or "(wrong: 408)" in sampled.stdout)
     short = run_train(*tiny, "--block_size=16", f"--data_dir={data}", f"--out_dir={out}x", check=False)
     assert short.returncode == 1 and "raise block_size" in short.stderr
+
+
+def test_near_ood_split_is_one_4_digit_and_one_training_length_operand_and_changes_nothing_else():
+    train, val, meta = pm.make_dataset(train_examples=3000, val_examples=200, eval_examples=400)
+    a, b = np.array(meta["eval_near"]).T
+    lengths = np.sort(np.stack([pm.num_digits(a), pm.num_digits(b)]), axis=0)
+    assert (lengths[1] == 4).all() and set(lengths[0]) == {1, 2, 3}
+    assert 0.4 < (pm.num_digits(a) == 4).mean() < 0.6  # either order
+    meta.pop("eval_near")  # a dataset as prepared before the split existed: the evaluator scores ID and OOD only
+    evaluate = pm.make_evaluator("d", meta, "cpu", 32)
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=32, vocab_size=13, n_layer=1, n_head=1, n_embd=8))
+    assert not any(k.startswith("near") for k in evaluate(model))
 
 
 def test_prepare_rejects_bad_ranges(tmp_path):
@@ -289,11 +303,11 @@ def test_experiment_resumes_a_stopped_run_and_skips_finished_ones(token_data, tm
     with open(stopped / "log.jsonl", "a") as f:  # what a run killed between checkpoints had logged after iter 4
         f.write(_json.dumps({"kind": "train", "iter": 5, "phase": 1}) + "\n")
     run_train(str(config), "--seed=0", f"--out_dir={whole}")
-    me.main(["--out_root", str(root), "--seeds", "0", "--configs", str(config)])
+    me.main(["--out_root", str(root), "--seeds", "0", "--threads", "1", "--configs", str(config)])  # as the whole run
     evals = read_log(str(stopped), "eval")
     assert [r["iter"] for r in evals] == [0, 2, 4, 6, 8]
     assert evals[-1]["val_ce"] == pytest.approx(read_log(str(whole), "eval")[-1]["val_ce"], abs=LOSS_TOL, rel=0)
     assert [r["iter"] for r in read_log(str(stopped), "train")] == list(range(1, 9))
     log_mtime = os.path.getmtime(stopped / "log.jsonl")
-    me.main(["--out_root", str(root), "--seeds", "0", "--configs", str(config)])
+    me.main(["--out_root", str(root), "--seeds", "0", "--threads", "1", "--configs", str(config)])
     assert os.path.getmtime(stopped / "log.jsonl") == log_mtime

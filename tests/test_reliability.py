@@ -147,8 +147,8 @@ def test_float16_on_a_cpu_says_it_is_slow(token_data, tmp_path):
 
 def test_ddp_with_too_few_micro_batches_says_what_to_pass(token_data, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={tmp_path / 'o'}", check=False,
-                       launcher=torchrun)
+    result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={tmp_path / 'o'}", "--gapt_mode=off",
+                       "--gradient_accumulation_steps=3", check=False, launcher=torchrun)
     assert "must be divisible by the number of processes (2): pass --gradient_accumulation_steps=2" in result.stderr
 
 

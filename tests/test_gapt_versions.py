@@ -1,0 +1,328 @@
+"""Each GAPT version rule by rule on hand-written CE / MBE traces (docs/gapt_versions.md), what the paper-era
+version's micro-batches backpropagate, and for every version an exact resume (every log record) and 2 processes
+equal to one."""
+
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import LOSS_TOL, ON_CUDA, REPO, TINY, read_log, run_train
+from gapt_versions import Algorithm1Gate, LaterGate
+from train import GAPT, load_config, regularised_layers
+
+VERSIONS = ("paper_era", "algorithm1", "later", "project")
+FLAT = [1.0, 1.0]  # an MBE trace that never improves
+
+
+def paper(**kw):
+    return GAPT(**{"micro_batches": 2, "n_regularised": 2, "delta": 0.01, "delta_mbe": 0.002, "tau": 0.1,
+                   "patience_memorize": 3, "patience_compress": 2, **kw})
+
+
+def to_compression(g, ce=4.0):
+    while g.phase == 1:
+        g.step(ce, FLAT)
+
+
+# --- paper_era: RRScheduler as train_pcgrad.py drives it ---------------------------------------------------------
+
+def test_paper_era_defaults_are_run_sh_and_train_pcgrad():
+    g = GAPT(micro_batches=4, n_regularised=8)
+    assert (g.delta, g.delta_mbe, g.tau, g.patience_memorize, g.patience_compress) == (0.01, 0.002, 0.1, 125, 125)
+    c = load_config([])
+    assert (c.gapt_version, c.mbe_weight, c.gapt_delta, c.gapt_delta_mbe, c.gapt_patience_compress,
+            c.gradient_accumulation_steps, c.batch_size) == ("paper_era", 1.0, 0.01, 0.002, 125, 4, 16)
+
+
+def test_paper_era_ce_progress_is_absolute_and_a_first_step_is_no_progress():
+    g = paper()
+    g.step(5.0, FLAT)
+    assert g.s_m == 1 and g.ce_min == 5.0  # the best was +inf: an infinite gain is not progress (the author's != inf)
+    g.step(4.995, FLAT)
+    assert g.s_m == 2 and g.ce_min == 4.995  # 0.005 below the best is not progress, but is the new best
+    g.step(4.98, FLAT)
+    assert g.s_m == 0  # 0.015 below: progress (a relative 1% rule would want 4.945)
+    g = paper()
+    g.step(0.5, FLAT), g.step(0.494, FLAT)
+    assert g.s_m == 2  # 1.2% lower is no progress on the absolute scale
+
+
+def test_paper_era_memorization_ends_after_patience_resetting_best_ce_and_s_c():
+    g = paper()
+    g.step(4.0, FLAT), g.step(4.0, FLAT)
+    assert g.phase == 1 and g.s_c == 2  # the compression counter counts in memorization too
+    assert g.step(4.0, FLAT) == 2
+    assert g.last_switch["reason"] == "ce_plateau" and g.s_c == 0 and g.ce_min == math.inf and g.switches == 1
+
+
+def test_paper_era_both_counters_count_in_compression_and_memorization_resets_s_m_and_the_mbe_minima():
+    g = paper(patience_compress=3)
+    to_compression(g)
+    g.step(4.0, FLAT)
+    assert g.s_m == 4 and g.s_c == 1  # s_m goes on from 3 (entering compression does not reset it; the best was
+    g.step(4.0, FLAT)                 # reset to +inf, so no progress); s_c: flat MBE
+    assert g.phase == 2 and g.s_m == 5 and g.s_c == 2
+    assert g.step(4.0, FLAT) == 1 and g.last_switch["reason"] == "mbe_patience"
+    assert g.s_m == 0 and g.mbe_min is None
+
+
+def test_paper_era_mbe_progress_is_any_layer_absolute_and_minima_update_in_memorization():
+    g = paper(patience_memorize=100)
+    g.step(4.0, [1.0, 2.0])
+    assert g.mbe_min == [1.0, 2.0] and g.s_c == 1
+    g.step(4.0, [0.999, 2.0])
+    assert g.s_c == 2 and g.mbe_min == [0.999, 2.0]  # 0.001 lower: no progress, yet the minimum moves (phase 1)
+    g.step(4.0, [1.5, 1.99])
+    assert g.s_c == 0 and g.mbe_min == [0.999, 1.99]  # the second layer dropped by 0.01 > 0.002: progress
+
+
+def test_paper_era_spike_is_against_the_best_since_compression_began_and_inclusive():
+    g = paper(patience_compress=50)
+    to_compression(g, ce=2.0)
+    assert g.step(3.0, FLAT) == 2  # 1.5 x the memorization best, but the best restarted: no spike
+    assert g.ce_min == 3.0
+    g.step(2.0, FLAT)  # the best since compression began is now 2.0
+    assert g.step(2.0 * (1 + 0.1), FLAT) == 1  # exactly (1 + tau) x the best: a spike (>=)
+    assert g.last_switch["reason"] == "ce_spike" and g.last_switch["ce_min"] == 2.0
+
+
+def test_paper_era_spike_is_tested_before_the_best_is_updated():
+    g = paper(patience_compress=50)
+    to_compression(g)
+    g.step(2.0, FLAT)
+    g.step(2.1, FLAT)
+    assert g.phase == 2 and g.ce_min == 2.0
+
+
+def test_paper_era_without_mbe_progress_compression_lasts_patience_steps():
+    g = paper(patience_compress=3, count_mbe_progress=False)
+    to_compression(g)
+    for mbe in ([0.9, 0.9], [0.5, 0.5]):  # falling fast, yet never counted
+        assert g.step(4.0, mbe) == 2
+    assert g.step(4.0, [0.1, 0.1]) == 1 and g.last_switch["reason"] == "mbe_patience" and g.mbe_min is None
+
+
+def micro_batch_roles(g, phase, steps):
+    """What the loop does: micro-batches 0 .. N-2 use the counter before the step, the last one after the step's
+    advance. -> per step, the layer (index into the regularised ones) or None (CE) of each micro-batch."""
+    roles = []
+    for _ in range(steps):
+        before = g.compressed_layer(phase)
+        g.advance()
+        roles.append([before] * (g.micro_batches - 1) + [g.compressed_layer(phase)])
+    return roles
+
+
+def test_paper_era_micro_batches_alternate_and_the_layer_rotates_when_the_counter_wraps():
+    assert micro_batch_roles(paper(micro_batches=1, n_regularised=3), 2, 3) == [[None]] * 3  # never compresses
+    assert micro_batch_roles(paper(micro_batches=2, n_regularised=3), 2, 6) == \
+        [[None, 0], [0, None], [None, 1], [1, None], [None, 2], [2, None]]
+    assert micro_batch_roles(paper(micro_batches=4, n_regularised=2), 2, 5) == \
+        [[None, None, None, 0], [0, 0, 0, None], [None, None, None, 0], [0, 0, 0, None], [None, None, None, 1]]
+    assert micro_batch_roles(paper(micro_batches=4, n_regularised=2), 1, 2) == [[None] * 4] * 2  # memorization: CE
+
+
+def test_paper_era_layers_are_blocks_2_to_L_minus_3_and_shallow_models_fall_back():
+    assert regularised_layers("auto", 12, "paper_era") == list(range(2, 10))
+    assert regularised_layers("auto", 8, "algorithm1") == [2, 3, 4, 5]
+    assert regularised_layers("auto", 4, "paper_era") == [1, 2]  # range(2, 2) is empty: the middle blocks
+    assert regularised_layers("auto", 12, "later") == regularised_layers("auto", 12, "project") == list(range(1, 11))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="recomputes the micro-batch losses on the CPU in float32")
+def test_paper_era_loop_backpropagates_ce_alone_or_one_layers_mbe_alone(token_data, tmp_path):
+    """With lr 0 the weights never move, so each step's logged loss can be recomputed: step 0 is CE, CE, CE and the
+    MBE of the regularised layer alone; step 1 is MBE, MBE, MBE, CE (gapt_mode=always, 4 micro-batches)."""
+    out = str(tmp_path / "roles")
+    run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--gapt_mode=always", "--max_iters=2",
+              "--gradient_accumulation_steps=4", "--log_interval=1", "--learning_rate=0.0", "--min_lr=0.0",
+              "--eval_interval=100", "--mbe_weight=3.0")
+    sys.path.insert(0, REPO)
+    from model import GPT, GPTConfig
+    from shards import TokenWindows
+    from train import layers_mbe
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    c = SimpleNamespace(mbe_patch_size=8, mbe_alpha=2.0, mbe_center=False)
+    data, rng = TokenWindows(token_data, "train", 16), torch.Generator().manual_seed(1337)
+    logged = [r["loss"] for r in read_log(out, "train")]
+    for step, roles in enumerate((["ce", "ce", "ce", "mbe"], ["mbe", "mbe", "mbe", "ce"])):
+        positions = data.draw(16, rng)
+        losses = []
+        with torch.no_grad():
+            for i, role in enumerate(roles):
+                _, ce, hidden = model(*data.windows(positions[i * 4:(i + 1) * 4]), return_hidden=True)
+                losses.append(ce.item() if role == "ce" else 3.0 * layers_mbe(hidden, [1], c).item())
+        assert logged[step] == pytest.approx(sum(losses) / 4, abs=1e-5), step
+
+
+# --- algorithm1: minimind's GatedPhaseTransition -------------------------------------------------------------------
+
+def alg1(**kw):
+    return Algorithm1Gate(**{"delta": 0.01, "tau": 0.1, "patience_memorize": 2, "patience_compress": 2, **kw})
+
+
+def test_algorithm1_first_step_is_progress_and_delta_is_absolute():
+    g = alg1()
+    g.step(5.0, 0.0)
+    assert g.s_m == 0  # +inf - 5 > delta
+    g.step(4.995, 0.0)
+    assert g.s_m == 1
+    g.step(4.98, 0.0)
+    assert g.s_m == 0
+
+
+def test_algorithm1_entering_compression_resets_both_minima_and_the_spike_uses_the_best_including_this_step():
+    g = alg1()
+    g.step(4.0, 0.0), g.step(4.0, 0.0)
+    assert g.phase == 1
+    assert g.step(4.0, 0.0) == 2 and g.ce_min == math.inf and g.mbe_min == math.inf and g.s_c == 0
+    assert g.step(9.0, 1.0) == 2  # the best restarted (9.0 now): no spike
+    assert g.step(9.9, 1.0) == 2  # exactly (1 + tau) x 9.0 is no spike (>)
+    assert g.step(9.91, 1.0) == 1 and g.last_switch["reason"] == "ce_spike" and g.s_m == 0
+
+
+def test_algorithm1_mbe_progress_counts_in_compression_only_and_not_on_a_spike_step():
+    g = alg1(patience_compress=3)
+    g.step(4.0, 7.0), g.step(4.0, 7.0), g.step(4.0, 7.0)
+    assert g.phase == 2 and g.mbe_min == math.inf  # phase 1 never touches the MBE minimum
+    g.step(4.0, 2.0)
+    assert g.s_c == 0 and g.mbe_min == 2.0
+    g.step(4.0, 1.995)
+    assert g.s_c == 1  # an absolute drop of 0.005 <= delta
+    g.step(4.0, 1.9)
+    assert g.s_c == 0
+    g.step(4.0, 1.9), g.step(4.0, 1.9)
+    assert g.step(4.0, 1.9) == 1 and g.last_switch["reason"] == "mbe_patience"
+
+
+# --- later: mod_gpt src/gapt.py ----------------------------------------------------------------------------------
+
+def later(**kw):
+    return LaterGate(**{"delta": 0.01, "delta_mbe": 0.01, "tau": 0.1, "patience_memorize": 2,
+                        "patience_compress": 2, **kw})
+
+
+def test_later_gains_are_relative_and_minima_are_global_and_never_reset():
+    g = later()
+    g.step(5.0, 10.0)
+    assert g.s_m == 1  # the gain against +inf is 0: no progress
+    g.step(4.96, 9.0)  # 0.8% is not 1%: the second step without progress
+    assert g.phase == 2 and g.last_switch["reason"] == "ce_plateau" and g.s_m == 0
+    assert g.mbe_min == 9.0 and g.ce_min == 4.96  # the minima moved in phase 1 and survive the switch
+    g.step(4.9, 8.95)
+    assert g.s_c == 1  # 0.56% lower MBE: no progress
+    g.step(4.9, 8.8)
+    assert g.s_c == 0
+    g.step(4.9, 8.8), g.step(4.9, 8.8)
+    assert g.phase == 1 and g.last_switch["reason"] == "mbe_patience" and g.mbe_min == 8.8 and g.ce_min == 4.9
+
+
+def test_later_spike_is_against_the_global_best_before_this_step():
+    g = later(patience_compress=100)
+    g.step(2.0, 1.0), g.step(2.0, 1.0)
+    assert g.phase == 2
+    assert g.step(2.19, 1.0) == 2  # 9.5% above the global best: no spike
+    assert g.step(2.21, 1.0) == 1 and g.last_switch["ce_min"] == 2.0
+
+
+# --- every version through train.py ----------------------------------------------------------------------------
+
+FAST = ["--gapt_patience_memorize=2", "--gapt_patience_compress=2", "--gapt_tau=10.0"]
+
+
+def version_args(version, token_data):
+    args = [*TINY, f"--data_dir={token_data}", f"--gapt_version={version}", "--gapt_mode=gapt", *FAST,
+            "--log_interval=1", "--eval_interval=4", "--gradient_accumulation_steps=2", "--lr_decay_iters=10",
+            "--gapt_delta=0.5", "--gapt_delta_mbe=0.5"]  # progress is rare: phases switch in a 10-step run
+    return args
+
+
+TIMING = ("ms_per_iter", "tokens_per_s", "mfu")
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_each_version_resumes_exactly_every_log_record(token_data, tmp_path, version):
+    common = version_args(version, token_data) + ["--dropout=0.1", "--deterministic=True"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train(*common, f"--out_dir={straight}", "--max_iters=10")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=5")
+    run_train(*common, f"--out_dir={resumed}", "--max_iters=10", "--init_from=resume")
+    a, b = read_log(straight), read_log(resumed)
+    assert {r["kind"] for r in a} == {"train", "eval", "switch"} and {r["phase"] for r in a} == {1, 2}
+    if not ON_CUDA:
+        assert comparable(a) == comparable(b)
+    else:
+        assert [(r["kind"], r["iter"], r["phase"]) for r in a] == [(r["kind"], r["iter"], r["phase"]) for r in b]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_each_version_on_two_processes_matches_one(token_data, tmp_path, version):
+    """paper_era with 2 micro-batches over 2 processes: on every other step one process backpropagates an MBE
+    alone, which leaves the head without a gradient there (DDP's reduction must still finish)."""
+    nproc = min(2, torch.cuda.device_count()) if ON_CUDA else 2
+    common = version_args(version, token_data) + ["--max_iters=10", "--eval_interval=100"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_train(*common, f"--out_dir={one}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    run_train(*common, f"--out_dir={two}", launcher=torchrun)
+    a, b = read_log(one), read_log(two)
+    assert [(r["kind"], r["iter"], r["phase"], r.get("reason")) for r in a] == \
+           [(r["kind"], r["iter"], r["phase"], r.get("reason")) for r in b]
+    assert {r["phase"] for r in a} == {1, 2}
+    tol = max(1e-4, LOSS_TOL)
+    for ra, rb in zip(read_log(one, "train"), read_log(two, "train")):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=tol) and ra["mbe"] == pytest.approx(rb["mbe"], abs=tol)
+
+
+def test_the_default_says_which_version_it_runs_in_its_first_line(token_data, tmp_path):
+    result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={tmp_path / 'd'}", "--max_iters=2",
+                       "--eval_interval=100")
+    assert result.stdout.splitlines()[0].startswith("gapt_mode=gapt: gapt_version=paper_era, the author's training "
+                                                    "code of the paper's time")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gradient_accumulation_steps=1"], "never compresses"),
+    (["--gapt_ema=0.9"], "is an option of gapt_version='project'"),
+    (["--mbe_layers=rotate", "--gapt_version=later"], "is an option of gapt_version='project'"),
+    (["--gapt_version=paper"], "gapt_version"),
+])
+def test_settings_a_version_cannot_honour_are_one_line(token_data, tmp_path, args, message):
+    result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={tmp_path / 'e'}", *args, check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_preset_follows_a_task_config_and_sets_its_version():
+    for version in VERSIONS:
+        c = load_config([os.path.join(REPO, "config/kernel_docs_gapt.py"),
+                         os.path.join(REPO, f"config/gapt_{version}.py")])
+        assert c.gapt_version == version and c.gapt_mode == "gapt"
+    c = load_config([os.path.join(REPO, "config/kernel_docs_gapt.py"), "--gapt_ema=0.9",
+                     os.path.join(REPO, "config/gapt_paper_era.py")])
+    assert c.gapt_ema == 0.0  # the preset turns the project's options off
+
+
+def test_baseline_layouts_agree_to_rounding_only(token_data, tmp_path):
+    """One micro-batch of 16 and four of 4 compute the same mean gradient: the CE-only runs agree to rounding over
+    the first steps, but not bit for bit, so the 64 x 1 multiplication baselines are rerun on the 4 x 16 layout
+    rather than reused (docs/author_gapt.md)."""
+    logs = []
+    for batch, micro in ((16, 1), (4, 4)):
+        out = str(tmp_path / f"{batch}x{micro}")
+        run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--gapt_mode=off", f"--batch_size={batch}",
+                  f"--gradient_accumulation_steps={micro}", "--max_iters=8", "--log_interval=1",
+                  "--eval_interval=100")
+        logs.append([r["loss"] for r in read_log(out, "train")])
+    assert logs[0] == pytest.approx(logs[1], abs=1e-4)
+    if not ON_CUDA:
+        assert logs[0] != logs[1]
