@@ -5,6 +5,7 @@ calls these.
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -27,12 +28,19 @@ CHECKPOINT_KEYS = ("model", "optimizers", "scaler", "model_args", "config", "ite
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
 
-def open_run(c, defaults):
+# what a resume takes from this command, not from the checkpoint: how and where this process runs
+RUNTIME_KEYS = ("init_from", "eval_only", "overwrite_out_dir", "out_dir", "device", "dtype", "compile", "num_threads",
+                "ddp_timeout", "wandb_log", "wandb_project", "wandb_run_name", "peak_flops", "deterministic")
+
+
+def open_run(c, defaults, explicit=()):
     """What train.py starts from, given c.init_from and c.out_dir: (the checkpoint to resume or evaluate, or None;
     the folder of a pretrained GPT-2, or None), the model-shape keys of c set from either. The out_dir is locked for
-    this process first (one writer per run). Resuming drops the log records written after the checkpoint; a scratch
-    run into an out_dir that holds a run stops unless told to overwrite it; eval_only reads the run and writes
-    nothing."""
+    this process first (one writer per run). A resume continues the run it resumes: every setting not in explicit
+    (the keys this command set) comes from the checkpoint's config, and each explicit one that differs is named;
+    it drops the log records written after the checkpoint. A scratch run into an out_dir that holds a run stops
+    unless told to overwrite it (clear_run deletes the old run once everything else has been checked); eval_only
+    reads the run and writes nothing."""
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
     if int(os.environ.get("RANK", 0)) == 0 and (not c.eval_only or os.path.isdir(c.out_dir)):
         lock_out_dir(c.out_dir)
@@ -41,6 +49,8 @@ def open_run(c, defaults):
             raise CheckpointError(f"eval_only evaluates the run in out_dir, but {ckpt_path} does not exist; point "
                                   f"--out_dir at a run (or evaluate OpenAI's GPT-2 with --init_from=gpt2)")
         checkpoint = load_checkpoint(ckpt_path)
+        if not c.eval_only:
+            continue_settings(c, checkpoint, defaults, set(explicit))
         adopt_model_shape(c, {**{k: checkpoint["model_args"][k] for k in MODEL_KEYS},
                               "optimizer": checkpoint["config"].get("optimizer", c.optimizer)}, defaults,
                           f"the run in {ckpt_path}", "drop that setting to resume, or train it from scratch in "
@@ -54,15 +64,10 @@ def open_run(c, defaults):
         if master:  # a run that stopped before its first checkpoint: nothing to resume, so nothing to protect
             print(f"note: {c.out_dir} holds a log but no checkpoint: starting afresh")
             os.remove(log_path)
-    elif not c.eval_only and any(os.path.exists(p) for p in (ckpt_path, log_path)):
-        if not c.overwrite_out_dir:
-            raise ConfigError(f"{c.out_dir} already holds a run (ckpt.pt / log.jsonl); resume it with "
-                              f"--init_from=resume, pick another --out_dir, or start it again with "
-                              f"--overwrite_out_dir=True (which deletes its checkpoint and log)")
-        if master:
-            for path in (ckpt_path, log_path):
-                if os.path.exists(path):
-                    os.remove(path)
+    elif not c.eval_only and any(os.path.exists(p) for p in (ckpt_path, log_path)) and not c.overwrite_out_dir:
+        raise ConfigError(f"{c.out_dir} already holds a run (ckpt.pt / log.jsonl); resume it with "
+                          f"--init_from=resume, pick another --out_dir, or start it again with "
+                          f"--overwrite_out_dir=True (which deletes its checkpoint and log)")
     if dist.is_initialized():
         dist.barrier()  # every process has seen the out_dir as it was before rank 0 writes into it
     if c.init_from == "scratch":
@@ -77,6 +82,50 @@ def open_run(c, defaults):
                           f"use at most that")
     validate(vars(c))
     return None, folder
+
+
+def continue_settings(c, checkpoint, defaults, explicit):
+    """A resume's settings: the checkpoint's, but for the runtime keys and the keys this command set explicitly;
+    one line names every explicit change. A change the run cannot honour is a ConfigError."""
+    saved = checkpoint["config"]
+    changed = []
+    for k in defaults:
+        if k not in saved or k in RUNTIME_KEYS:
+            continue
+        if k not in explicit:
+            setattr(c, k, saved[k])
+        elif getattr(c, k) != saved[k]:
+            changed.append(f"{k} {saved[k]!r} -> {getattr(c, k)!r}")
+    if saved.get("gapt_version", c.gapt_version) != c.gapt_version:
+        raise ConfigError(f"the run in {c.out_dir} used gapt_version={saved['gapt_version']!r}; its gate's state "
+                          f"cannot continue as {c.gapt_version!r}: drop --gapt_version to resume it, or train the "
+                          f"other version from scratch in another out_dir")
+    if c.max_iters <= checkpoint["iter_num"]:
+        raise ConfigError(f"the checkpoint in {c.out_dir} is at step {checkpoint['iter_num']} and max_iters is "
+                          f"{c.max_iters}: nothing to train; raise --max_iters to continue the run")
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resume: the run's own settings, but this command changes {', '.join(changed)}")
+
+
+def clear_run(out_dir):
+    """--overwrite_out_dir: delete the old run's checkpoint and log, called once the new run's settings, data and
+    model have been checked, so that a mistyped setting leaves the old run where it was."""
+    for name in ("ckpt.pt", "log.jsonl"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def finite_json(value):
+    """value with every non-finite float as None, so that log.jsonl is strict JSON (json.dumps would write
+    Infinity, which other readers refuse): a +inf minimum after a gate's reset is logged as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 _held_locks = []  # the open lock files of this process: closing one would release its lock
@@ -162,8 +211,8 @@ def truncate_log(path, iter_num):
     if not os.path.exists(path):
         return
     records = read_log(path)
-    keep = [r for r in records if r["iter"] < iter_num or (r["iter"] == iter_num and r.get("kind") in ("train",
-                                                                                                      "switch"))]
+    # the checkpoint step's train, switch and eval records came before the checkpoint; its align record after it
+    keep = [r for r in records if r["iter"] < iter_num or (r["iter"] == iter_num and r.get("kind") != "align")]
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)

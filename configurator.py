@@ -70,6 +70,18 @@ def load_config(args, defaults, doc=""):
     return SimpleNamespace(**config)
 
 
+def explicit_keys(args):
+    """The keys that config files and --key=value overrides in args set (whatever their values): what a resume takes
+    from this command rather than from the checkpoint."""
+    keys = set()
+    for arg in args:
+        if arg.startswith("--"):
+            keys.add(arg[2:].partition("=")[0])
+        elif os.path.isfile(arg):
+            keys |= set(read_config_file(arg))
+    return keys
+
+
 def read_config_file(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found (arguments are config files or --key=value)")

@@ -16,6 +16,11 @@ step(ce, mbe) -> the phase for what follows. What a step is fed, and when, is ea
 import math
 
 SWITCH_REASONS = ("ce_plateau", "ce_spike", "mbe_patience")  # why a phase ends; experiment.py's tables use these
+GAPT_VERSIONS = {  # the first line of every run names its version
+    "paper_era": "the author's training code of the paper's time (mod_gpt train_pcgrad.py + RRScheduler)",
+    "algorithm1": "the author's class in the notation of the paper's Algorithm 1 (minimind src/sorl.py)",
+    "later": "the author's later code (mod_gpt src/gapt.py + train_iblm.py + run_iblm.sh)",
+    "project": "this project's own rules until 2026-12-01"}
 
 
 def _switch(gate, phase, reason, **values):  # every version: record why, change phase, count
@@ -24,11 +29,11 @@ def _switch(gate, phase, reason, **values):  # every version: record why, change
     gate.switches += 1
 
 
-def _state_dict(gate):  # the state: every attribute but the settings (which come from the config)
+def gate_state_dict(gate):  # the state: every attribute but the settings (which come from the config)
     return {k: v for k, v in vars(gate).items() if k not in gate.settings and k != "last_switch"}
 
 
-def _load_state_dict(gate, state):
+def load_gate_state(gate, state):
     for k, v in state.items():
         setattr(gate, k, v)
 
@@ -42,7 +47,7 @@ class Algorithm1Gate:
     E_min and the MBE minimum to +inf; the MBE minimum is updated in compression only, not on a spike step."""
     settings = ("delta", "tau", "patience_memorize", "patience_compress")
     feeds = "step"
-    _enter, state_dict, load_state_dict = _switch, _state_dict, _load_state_dict
+    _enter, state_dict, load_state_dict = _switch, gate_state_dict, load_gate_state
 
     def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=10, patience_compress=10):
         self.delta, self.tau, self.patience_memorize, self.patience_compress = delta, tau, patience_memorize, \
@@ -81,7 +86,7 @@ class LaterGate:
     times (1 + τ) ends compression; each counter counts in its own phase and restarts at the switch it causes."""
     settings = ("delta", "delta_mbe", "tau", "patience_memorize", "patience_compress")
     feeds = "micro"
-    _enter, state_dict, load_state_dict = _switch, _state_dict, _load_state_dict
+    _enter, state_dict, load_state_dict = _switch, gate_state_dict, load_gate_state
 
     def __init__(self, *, delta=0.01, delta_mbe=0.01, tau=0.1, patience_memorize=125, patience_compress=75):
         self.delta, self.delta_mbe, self.tau = delta, delta_mbe, tau
@@ -127,7 +132,7 @@ class ProjectGate:
     spike. The MBE average restarts with each compression phase."""
     settings = ("delta", "tau", "patience_memorize", "patience_compress", "delta_mbe_abs", "ema")
     feeds = "step"
-    state_dict, load_state_dict = _state_dict, _load_state_dict
+    state_dict, load_state_dict = gate_state_dict, load_gate_state
 
     def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=125, patience_compress=75, delta_mbe_abs=0.0,
                  ema=0.0):

@@ -11,7 +11,6 @@ optimizer, and the training loop with its evaluations, logs and checkpoints.
 """
 
 import glob
-import inspect
 import json
 import math
 import os
@@ -25,9 +24,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignment import gradient_alignment
-from checkpoint import MODEL_KEYS, open_run, restore, rng_states, save_checkpoint
-from configurator import ConfigError, load_config as parse_config
-from gapt_versions import SWITCH_REASONS, Algorithm1Gate, LaterGate, ProjectGate
+from checkpoint import MODEL_KEYS, clear_run, finite_json, open_run, restore, rng_states, save_checkpoint
+from configurator import ConfigError, explicit_keys, load_config as parse_config
+from gapt_versions import (GAPT_VERSIONS, SWITCH_REASONS, Algorithm1Gate, LaterGate, ProjectGate, gate_state_dict,
+                           load_gate_state)
 from hub import load_pretrained_state
 from mbe import patched_mbe
 from model import GPT, GPTConfig
@@ -181,21 +181,9 @@ class GAPT:
         self.switches += self.last_switch is not None
         return self.phase
 
-    def state_dict(self):  # the settings (the keyword arguments, stored under their own names) come from the config
-        settings = inspect.signature(GAPT.__init__).parameters
-        return {k: v for k, v in vars(self).items() if k not in settings and k != "last_switch"}
-
-    def load_state_dict(self, state):
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-GAPT_VERSIONS = {  # the first line of every run names its version
-    "paper_era": "the author's training code of the paper's time (mod_gpt train_pcgrad.py + RRScheduler)",
-    "algorithm1": "the author's class in the notation of the paper's Algorithm 1 (minimind src/sorl.py)",
-    "later": "the author's later code (mod_gpt src/gapt.py + train_iblm.py + run_iblm.sh)",
-    "project": "this project's own rules until 2026-12-01"}
-
+    settings = ("micro_batches", "n_regularised", "count_mbe_progress", "delta", "delta_mbe", "tau",
+                "patience_memorize", "patience_compress")  # from the config; every other attribute is the state
+    state_dict, load_state_dict = gate_state_dict, load_gate_state
 
 def make_gate(c, n_regularised):
     """The gate of c.gapt_version, from the config's GAPT keys (README's table says which version reads which)."""
@@ -377,6 +365,21 @@ def feed_gate(gapt, c, phase, step_loss, mbe_sum, mbe_count, micro_signal, mbe_l
     return [(before, switch) for before, switch in steps if switch is not None]
 
 
+def setup_line(c, model, mbe_layers, world, micro_steps, device_type):  # the run's shape, printed at its start
+    return (f"{model.get_num_params() / 1e6:.2f}M parameters, gapt_mode={c.gapt_mode}, MBE on layers {mbe_layers} "
+            f"(patch {c.mbe_patch_size}, alpha {c.mbe_alpha}); tokens per step "
+            f"{c.gradient_accumulation_steps * c.batch_size * c.block_size:,} ({world} process(es) x {micro_steps} "
+            f"micro-steps x {c.batch_size} x {c.block_size}), device {c.device}, dtype {c.dtype}"
+            + (" (float16 on a CPU is about 10x slower than float32)" if device_type == "cpu" and c.dtype == "float16"
+               else ""))
+
+
+def summary_lines(c, metrics, iter_num):  # the end of a run: its final metrics and where to look next
+    return ("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            + f"\ncheckpoint: {c.out_dir}/ckpt.pt{'' if iter_num else ' (none: no step was trained)'}\n"
+            f"log: {c.out_dir}/log.jsonl\nplot it: python plot.py {c.out_dir} -o {c.out_dir}/gapt.png")
+
+
 def train_line(r, align):  # the stdout line of a train record
     return (f"iter {r['iter']}: loss {r['loss']:.4f} | CE {r['ce']:.4f} | MBE {r['mbe']:.4f} | phase {r['phase']} | "
             f"lr {r['lr']:.2e} | {r['ms_per_iter']:.1f} ms/iter | {r['tokens_per_s']:,.0f} tok/s"
@@ -400,7 +403,7 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
     torch.manual_seed(c.seed + rank)  # dropout differs per rank; the data order does not (data_rng below)
 
     # out_dir: the run to resume or evaluate, or a fresh one; the model's shape from a checkpoint or OpenAI's GPT-2
-    checkpoint, pretrained_dir = open_run(c, DEFAULTS)
+    checkpoint, pretrained_dir = open_run(c, DEFAULTS, explicit_keys(sys.argv[1:]))
     mbe_layers = regularised_layers(c.mbe_layers, c.n_layer, c.gapt_version)  # now that the model's depth is known
     every_layer, paper_era, later = list(range(c.n_layer)), c.gapt_version == "paper_era", c.gapt_version == "later"
 
@@ -418,13 +421,13 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
                                             muon=c.optimizer == "muon")
     scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
     gapt = make_gate(c, len(mbe_layers))
-    iter_num, best_val_loss, compress_steps = 0, math.inf, 0
+    iter_num, best_val_loss, compress_steps, interval = 0, math.inf, 0, [0.0, 0.0, 0]
     if checkpoint is not None and not c.eval_only:
         iter_num, best_val_loss = restore(checkpoint, optimizers, scaler, gapt, data_rng, rank, world, device_type)
-        compress_steps = checkpoint.get("compress_steps", 0)
+        compress_steps, interval = checkpoint.get("compress_steps", 0), checkpoint.get("interval", interval)
         if master:
             print(f"resumed from {c.out_dir}/ckpt.pt at iter {iter_num} (phase {gapt.phase})")
-    checkpoint = None  # free it
+    resumed_at, checkpoint = (iter_num if checkpoint is not None else None), None  # free the checkpoint
 
     raw_model = model
     if c.compile:
@@ -436,7 +439,7 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
     def log(record):  # one JSON object per line in log.jsonl (and wandb)
         record = {"iter": iter_num, "phase": phase_of_step(c, gapt, iter_num), **record}
         if log_file:
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
             log_file.flush()
         if wandb_run is not None:
             wandb_run.log(record, step=iter_num)
@@ -447,21 +450,19 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
         if master:
             print(json.dumps(metrics))
         return
+    if master and resumed_at is None and c.overwrite_out_dir:
+        clear_run(c.out_dir)  # only now that every setting, the data and the model have been checked
     log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
     wandb_run = None
     if c.wandb_log and master:
         import wandb
         wandb_run = wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=vars(c))
     if master:
-        print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, gapt_mode={c.gapt_mode}, MBE on layers "
-              f"{mbe_layers} (patch {c.mbe_patch_size}, alpha {c.mbe_alpha}); tokens per step {tokens_per_step:,} "
-              f"({world} process(es) x {micro_steps} micro-steps x {c.batch_size} x {c.block_size}), device "
-              f"{c.device}, dtype {c.dtype}" + (" (float16 on a CPU is about 10x slower than float32)"
-                                               if device_type == "cpu" and c.dtype == "float16" else ""))
+        print(setup_line(c, raw_model, mbe_layers, world, micro_steps, device_type))
 
     # the training loop ----------------------------------------------------------------------------------------
-    interval_loss = torch.zeros(2, device=c.device)  # loss and CE summed over the steps of this log interval
-    interval_steps, t_last, t_start, last_align = 0, time.perf_counter(), time.perf_counter(), None
+    interval_loss = torch.tensor(interval[:2], device=c.device)  # loss and CE summed over this log interval's steps
+    interval_steps, t_last, t_start, last_align = interval[2], time.perf_counter(), time.perf_counter(), None
 
     def stop_if_not_finite(value):  # at each log line, eval, and (gapt_mode="gapt") step
         if not math.isfinite(value):
@@ -469,7 +470,10 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
                                      f"last good checkpoint in {c.out_dir} is left as it was")
 
     while True:
-        if iter_num % c.eval_interval == 0 or iter_num >= c.max_iters:
+        # the resume contract: one log, one step axis. Every eval_interval steps and at the end (but not again at the
+        # step a resume starts from, whose eval the log holds) evaluate, log, checkpoint; the checkpoint holds the
+        # open log interval, so its mean spans the resume
+        if (iter_num % c.eval_interval == 0 or iter_num >= c.max_iters) and iter_num != resumed_at:
             t_eval = time.perf_counter()
             with autocast:
                 metrics = evaluate(eval_model, eval_splits, task_eval, mbe_layers, c, rank, world)
@@ -479,13 +483,15 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
                                                              if isinstance(v, float)))
                 log({"kind": "eval", **metrics})
             improved, best_val_loss = metrics["val_ce"] < best_val_loss, min(best_val_loss, metrics["val_ce"])
-            rngs = rng_states(ddp, world, device_type)
+            rngs = rng_states(ddp, world, device_type)  # collectives: every process joins them
+            interval = all_reduce_mean(interval_loss.clone(), world).tolist() + [interval_steps]
             if master and iter_num > 0 and (improved or c.always_save_checkpoint):
                 save_checkpoint(os.path.join(c.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                     "scaler": scaler.state_dict(), "model_args": asdict(gptconf), "config": vars(c),
                     "iter_num": iter_num, "best_val_loss": best_val_loss, "gapt": gapt.state_dict(),
-                    "compress_steps": compress_steps, "data_rng": data_rng.get_state(), "rng": rngs})
+                    "compress_steps": compress_steps, "data_rng": data_rng.get_state(), "rng": rngs,
+                    "interval": interval})
             t_last += time.perf_counter() - t_eval  # the step timing leaves evaluation out
         if iter_num >= c.max_iters:
             break
@@ -578,11 +584,8 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
     if master:  # where to look next
         log_file.close()
         print(f"\ndone: {iter_num} steps in {time.perf_counter() - t_start:.0f} s; compressing on {compress_steps} of "
-              f"{iter_num} steps" + (f", {gapt.switches} phase switches" if c.gapt_mode == "gapt" else "") + "\nfinal: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-              + f"\ncheckpoint: {c.out_dir}/ckpt.pt{'' if iter_num else ' (none: no step was trained)'}\n"
-              f"log: {c.out_dir}/log.jsonl\n"
-              f"plot it: python plot.py {c.out_dir} -o {c.out_dir}/gapt.png")
+              f"{iter_num} steps" + (f", {gapt.switches} phase switches" if c.gapt_mode == "gapt" else "") + "\n"
+              + summary_lines(c, metrics, iter_num))
     if ddp:
         dist.barrier()  # every rank done (rank 0 may still be writing the checkpoint) before gloo/NCCL shut down
 
