@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 
@@ -17,6 +16,7 @@ import torch.distributed as dist
 
 from configurator import ConfigError, validate
 from hub import pretrained_config, pretrained_folder
+from shards import lock_folder
 
 
 class CheckpointError(RuntimeError):
@@ -43,7 +43,7 @@ def open_run(c, defaults, explicit=()):
     reads the run and writes nothing."""
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
     if int(os.environ.get("RANK", 0)) == 0 and (not c.eval_only or os.path.isdir(c.out_dir)):
-        lock_out_dir(c.out_dir)
+        lock_folder(c.out_dir)
     if c.init_from == "resume" or (c.eval_only and c.init_from == "scratch"):
         if c.eval_only and not os.path.exists(ckpt_path):
             raise CheckpointError(f"eval_only evaluates the run in out_dir, but {ckpt_path} does not exist; point "
@@ -57,7 +57,7 @@ def open_run(c, defaults, explicit=()):
                           f"another out_dir")
         validate(vars(c))  # the settings again, with the shape of the model in the checkpoint
         if not c.eval_only and int(os.environ.get("RANK", 0)) == 0:
-            truncate_log(log_path, checkpoint["iter_num"])
+            truncate_log(log_path, checkpoint["iter_num"], c.log_interval)
         return checkpoint, None
     master = int(os.environ.get("RANK", 0)) == 0
     if not c.eval_only and os.path.exists(log_path) and not os.path.exists(ckpt_path):
@@ -128,28 +128,6 @@ def finite_json(value):
     return value
 
 
-_held_locks = []  # the open lock files of this process: closing one would release its lock
-
-
-def lock_out_dir(out_dir):
-    """One writer per run: an exclusive lock on out_dir/lock for the life of this process (the OS releases it when the
-    process ends, however it ends). A second train.py on the same out_dir stops at once, naming the holder."""
-    import fcntl
-    os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(os.path.join(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 2000, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise CheckpointError(f"{out_dir} is in use by {holder}; wait for that run to end (or stop it), or pick "
-                              f"another --out_dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                  f"({' '.join(sys.argv)})".encode(), 0)
-    _held_locks.append(fd)
-
-
 def load_checkpoint(path):
     """torch.load a checkpoint written by save_checkpoint; one clear CheckpointError if it is missing, damaged,
     truncated or not one of ours."""
@@ -204,15 +182,17 @@ def read_log(path):
     return records
 
 
-def truncate_log(path, iter_num):
+def truncate_log(path, iter_num, log_interval=1):
     """On resume, drop the log records written after the checkpoint (a run stopped between checkpoints wrote them,
     and the resumed run writes them again), and a last line cut short, so that log.jsonl holds one run on one step
     axis."""
     if not os.path.exists(path):
         return
     records = read_log(path)
-    # the checkpoint step's train, switch and eval records came before the checkpoint; its align record after it
-    keep = [r for r in records if r["iter"] < iter_num or (r["iter"] == iter_num and r.get("kind") != "align")]
+    # the checkpoint step's switch and eval records came before the checkpoint, its align record after it; its train
+    # record is kept on the log_interval grid (off it, it was a run's last line, whose interval the resume continues)
+    keep = [r for r in records if r["iter"] < iter_num or (r["iter"] == iter_num and r.get("kind") != "align" and
+                                                           (r.get("kind") != "train" or iter_num % log_interval == 0))]
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)

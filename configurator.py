@@ -164,6 +164,10 @@ def validate(c):
         raise ConfigError("gapt_version='paper_era' compresses on odd micro-batches of a step, so with "
                           "gradient_accumulation_steps=1 it never compresses: give it 2 or more (the author ran 4-8; "
                           "divide batch_size to keep the tokens per step), or choose another gapt_version")
+    for key in ("out_dir", "data_dir", "device"):
+        if not c[key].strip():
+            raise ConfigError(f"config key {key!r} is empty; give it a value (python train.py --help lists the "
+                              f"defaults)")
     if c["min_lr"] > c["learning_rate"]:
         raise ConfigError(f"config key 'min_lr' ({c['min_lr']}) must not exceed learning_rate ({c['learning_rate']})")
     if c["n_embd"] % c["n_head"]:

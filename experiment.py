@@ -28,7 +28,10 @@ the first metric its mean, standard error, how many seeds are lower, a sign test
 """
 
 import argparse
+import ctypes
+import fcntl
 import itertools
+import json
 import math
 import os
 import signal
@@ -39,6 +42,7 @@ import time
 import numpy as np
 
 from checkpoint import read_log
+from configurator import ConfigError
 from train import SWITCH_REASONS, load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,6 +62,51 @@ def parse_spec(spec):
     several files, applied in order: 'config/a.py,config/b.py+key=value'."""
     config, *overrides = spec.split("+")
     return config, overrides
+
+
+def check_identity(out_dir, identity, record=False):
+    """A run is its arguments: out_dir/run.json records those it was started with, and a call that asks for other
+    ones in the same out_dir is an error naming the difference (a changed run would be tabulated as the old one)."""
+    path = os.path.join(out_dir, "run.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            started = json.load(f)
+        if started != identity:
+            differing = [k for k in identity if started.get(k) != identity[k]]
+            sys.exit(f"error: {out_dir} was started with {', '.join(f'{k}={started.get(k)!r}' for k in differing)}, "
+                     f"but this call asks for {', '.join(f'{k}={identity[k]!r}' for k in differing)}; use another "
+                     f"--out_root for the new runs, or the arguments of the old ones")
+    elif record:  # a run starting (runs from before run.json have none, and are left unchecked)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(identity, f)
+        os.replace(tmp, path)
+
+
+def die_with_parent():
+    """In the child before exec: SIGTERM when experiment.py dies, however it dies (SIGKILL, SIGHUP), so that no
+    orphan keeps writing into the sweep (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def wait_until_free(out_dir, seconds=60):
+    """A run of an earlier call may still be exiting (its parent was killed a moment ago): wait for its lock."""
+    path = os.path.join(out_dir, "lock")
+    deadline = time.time() + seconds
+    while os.path.exists(path):
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip()
+        if time.time() > deadline:
+            sys.exit(f"error: {out_dir} is in use by {holder or 'another process'}; stop it, then run this again")
+        time.sleep(0.5)
 
 
 def read_records(out_dir):
@@ -286,23 +335,40 @@ def main(argv=None):
     parser.add_argument("--table_only", action="store_true", help="do not train; tabulate the finished runs")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more runs at a time")
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:
+        parser.error(f"--seeds lists {' '.join(map(str, repeated))} more than once; give each seed once")
     specs = [parse_spec(spec) for spec in args.configs]
+    names = [run_name(config, overrides) for config, overrides in specs]
+    if len(set(names)) < len(names):
+        twice = ", ".join(sorted({n for n in names if names.count(n) > 1}))
+        parser.error(f"two --configs give the same run name ({twice}, named after the last config file and the "
+                     f"overrides): write each row once")
     for path in (p for config, _ in specs for p in config.split(",")):
         if not os.path.isfile(path):
             parser.error(f"config {path!r} not found")
     threads = args.threads or default_threads(args.jobs)
     runs = []
     for config, overrides in specs:
-        max_iters = max_iters_of(config, overrides + args.set)
+        try:
+            max_iters = max_iters_of(config, overrides + args.set)
+        except ConfigError as e:
+            parser.error(f"--configs {'+'.join([config, *overrides])}: {e}")
         for seed in args.seeds:
             out_dir = os.path.join(args.out_root, f"{run_name(config, overrides + args.set)}-s{seed}")
             runs.append((config, overrides, seed, out_dir, max_iters))
+            check_identity(out_dir, {"configs": config.split(","), "overrides": overrides + args.set,
+                                     "train_args": args.train_args, "seed": seed})
 
     if not args.table_only:
         pending, active = list(runs), []
         # SIGTERM as Ctrl-C: stop the runs this script started and wait for them (they resume next time)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit("experiment.py stopped (SIGTERM); its runs resume when it "
-                                                          "is started again with the same arguments"))
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda number, _: sys.exit(f"experiment.py stopped ({signal.Signals(number).name}); its "
+                                                          f"runs resume when it is started again with the same "
+                                                          f"arguments"))
         try:
             while pending or active:
                 while pending and len(active) < args.jobs:
@@ -311,15 +377,19 @@ def main(argv=None):
                         print(f"[skip] {out_dir} is finished")
                         continue
                     os.makedirs(out_dir, exist_ok=True)
+                    check_identity(out_dir, {"configs": config.split(","), "overrides": overrides + args.set,
+                                             "train_args": args.train_args, "seed": seed}, record=True)
+                    wait_until_free(out_dir)
                     resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
                     cmd = [sys.executable, os.path.join(HERE, "train.py"), *config.split(","), f"--seed={seed}",
                            f"--out_dir={out_dir}", f"--num_threads={threads}",
-                           *[f"--{o}" for o in overrides + args.set], *args.train_args, "--init_from=resume" if resume else "--overwrite_out_dir=True"]
+                           *[f"--{o}" for o in overrides + args.set], *args.train_args,
+                           "--init_from=resume" if resume else "--overwrite_out_dir=True"]
                     print("[resume]" if resume else "[run]", " ".join(cmd), flush=True)
-                    stdout = open(os.path.join(out_dir, "stdout.txt"), "a" if resume else "w")
+                    stdout = open(os.path.join(out_dir, "stdout.txt"), "a")  # never cut: an earlier run's output stays
                     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-                    active.append((subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, env=env), out_dir,
-                                   stdout, time.time()))
+                    active.append((subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, env=env,
+                                                    preexec_fn=die_with_parent), out_dir, stdout, time.time()))
                 time.sleep(1)
                 for item in list(active):
                     proc, out_dir, stdout, start = item

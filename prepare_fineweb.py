@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from shards import read_shard, write_shard
+from shards import DataError, claim_folder, read_shard, write_shard
 
 EOT = 50256  # <|endoftext|> in GPT-2's vocabulary
 ENCODING = "r50k_base"  # GPT-2's BPE (same ranks, pattern and special token as tiktoken's "gpt2")
@@ -272,7 +272,10 @@ def main(argv=None):
               {"dataset": args.dataset, "name": args.name, "streaming": args.streaming})
     request = {"source": source, "tokenizer": ENCODING, "num_tokens": args.num_tokens, "shard_size": args.shard_size,
                "val_tokens": held_out[0], "test_tokens": args.test_tokens, "shuffle_seed": args.shuffle_seed}
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        claim_folder(args.out_dir, "prepare_fineweb.py", None)  # one writer; never into a run or another's data
+    except DataError as e:
+        sys.exit(f"error: {e}")
     check_request(args.out_dir, request)
     for stale in glob.glob(os.path.join(args.out_dir, "*.tmp*")):  # left by an interrupted write
         os.remove(stale)
@@ -290,7 +293,7 @@ def main(argv=None):
     if _encoder is None:
         sys.exit(f"error: {error}")
     texts = load_texts(args, files, position["docs"])  # local .jsonl files are checked line by line here
-    write_json(os.path.join(args.out_dir, "prepare.json"), request)  # before the first shard
+    write_json(os.path.join(args.out_dir, "prepare.json"), {"script": "prepare_fineweb.py", **request})  # first
     if done:
         print(f"{done} complete shard(s) found in {args.out_dir}; continuing after document {position['docs']}")
     total = position["tokens"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards import DataError, write_shard
+from shards import DataError, claim_folder, write_shard
 
 VOCAB = "0123456789*=\n"
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
@@ -261,7 +261,11 @@ def main(argv=None):
                                         ood_digits, args.seed, args.reverse_answer, args.holdout_fraction)
     except ValueError as e:
         parser.error(str(e))
-    os.makedirs(args.out_dir, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "out_dir"}
+    try:
+        claim_folder(args.out_dir, "prepare_mult.py", settings)  # one writer; never into a run or another's data
+    except DataError as e:
+        parser.exit(1, f"error: {e}\n")
     write_shard(os.path.join(args.out_dir, "train_000000.bin"), train)
     write_shard(os.path.join(args.out_dir, "val_000000.bin"), val)
     tmp = os.path.join(args.out_dir, "meta.json.tmp")

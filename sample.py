@@ -37,6 +37,14 @@ def main(argv=None):
     parser.add_argument("--data_dir", help="where the run's meta.json is (default: the checkpoint's data_dir)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.temperature is not None and args.temperature < 0:
+        parser.error(f"--temperature {args.temperature} is negative; give 0 (greedy) or a positive temperature")
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.top_k < 1:
+        parser.error("--max_new_tokens, --num_samples and --top_k must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device={args.device} but torch sees no CUDA device here; pass --device=cpu")
+    if args.start.startswith("FILE:") and not os.path.isfile(args.start[5:]):
+        parser.error(f"prompt file {args.start[5:]!r} not found (--start=FILE:path reads one prompt per line)")
 
     if args.init_from != "resume":
         try:
@@ -72,7 +80,10 @@ def main(argv=None):
         import prepare_mult as pm
         for prompt in prompts:
             prompt = prompt.strip()
-            ids = torch.tensor([pm.encode("\n" + prompt)], device=args.device)
+            try:
+                ids = torch.tensor([pm.encode("\n" + prompt)], device=args.device)
+            except ValueError as e:
+                parser.exit(1, f"error: prompt {prompt!r}: {e}; a multiplication prompt looks like 123*45=\n")
             with torch.no_grad():
                 out = model.generate(ids, args.max_new_tokens, temperature=args.temperature or 0.0,
                                      top_k=args.top_k, stop_token=pm.END)

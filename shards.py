@@ -5,9 +5,13 @@ training/evaluation windows train.py draws from them. prepare_mult.py and prepar
 write_shard; train.py reads them.
 """
 
+import fcntl
 import glob
 import json
 import os
+import socket
+import sys
+import time
 
 import numpy as np
 import torch
@@ -33,8 +37,10 @@ def write_shard(path, tokens):
     os.replace(tmp, path)
 
 
-def read_shard(path, hint="run the prepare script for this data again (prepare_mult.py or prepare_fineweb.py)"):
+def read_shard(path, hint=None):
     """Memory-map a shard's tokens after checking its header; a clear DataError says what is wrong."""
+    hint = hint or (f"prepare the data again into an empty folder: move {os.path.dirname(path) or '.'} aside first "
+                    f"(the prepare scripts keep the shards they find, so a rerun into it changes nothing)")
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if size < HEADER_INTS * 4 and (len(header) == 0 or header[0] == SHARD_MAGIC):
@@ -99,6 +105,86 @@ def check_data_dir(data_dir):
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir!r} does not exist; create it with `python prepare_mult.py` "
                         f"or `python prepare_fineweb.py`, or set --data_dir")
+
+
+def tokens_of(meta):
+    """What a prepared folder's token ids mean: its tokenizer (prepare_fineweb.py), its task's vocabulary
+    (prepare_mult.py), or None where meta.json does not say."""
+    if meta.get("tokenizer"):
+        return f"the {meta['tokenizer']} tokenizer"
+    return f"the {meta['task']} task's vocabulary {meta.get('vocab', '')!r}" if meta.get("task") else None
+
+
+def check_same_tokens(data_dir, other_dir):
+    """An eval_data_dirs corpus is scored by a model trained on data_dir: their token ids must mean the same."""
+    ours, theirs = tokens_of(read_meta(data_dir)), tokens_of(read_meta(other_dir))
+    if ours != theirs and ours is not None and theirs is not None:
+        raise DataError(f"eval_data_dirs {other_dir} holds tokens of {theirs}, but the model trains on {data_dir}, "
+                        f"tokens of {ours}: scoring it would mean nothing; prepare {other_dir} with the same script "
+                        f"and tokenizer as {data_dir}, or drop it from eval_data_dirs")
+
+
+_held_locks = {}  # folder -> the open lock file this process holds on it (closing it would release the lock)
+
+
+def lock_folder(out_dir):
+    """One writer per folder, runs and data alike: an exclusive lock on out_dir/lock for the life of this process (the
+    OS releases it when the process ends, however it ends). A second writer (train.py, or a prepare script) on the
+    same folder stops at once, naming the holder. A process that holds the lock already keeps it."""
+    if os.path.realpath(out_dir) in _held_locks:
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(f"{out_dir!r} cannot be used as a folder to write into ({e.strerror}): give a folder path "
+                        f"that is not a file and that you may write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 2000, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DataError(f"{out_dir} is in use by {holder}; wait for that run to end (or stop it), or pick "
+                        f"another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                  f"({' '.join(sys.argv)})".encode(), 0)
+    _held_locks[os.path.realpath(out_dir)] = fd
+
+
+def claim_folder(out_dir, script, settings):
+    """A preparation's folder: locked (lock_folder), and refused if it holds a training run, data another script (or
+    other settings) prepared, or shards of unknown origin; then out_dir/prepare.json records script and settings
+    (prepare_fineweb.py records its own request there; a record without "script" is one of its older ones)."""
+    lock_folder(out_dir)
+    afresh = f"move {out_dir} aside or choose another --out_dir to start afresh"
+    if any(os.path.exists(os.path.join(out_dir, n)) for n in ("ckpt.pt", "log.jsonl")):
+        raise DataError(f"{out_dir} holds a training run (ckpt.pt / log.jsonl), not data; {afresh}")
+    record, recorded = os.path.join(out_dir, "prepare.json"), None
+    if os.path.exists(record):
+        with open(record) as f:
+            recorded = json.load(f)
+        maker = recorded.get("script", "prepare_fineweb.py")
+    else:  # data from before prepare.json named its script: its meta.json says whose it is
+        meta = read_meta(out_dir)
+        maker = ("prepare_mult.py" if meta.get("task") == "multiplication" else
+                 "prepare_fineweb.py" if meta.get("tokenizer") else None)
+        if maker is None and (meta or glob.glob(os.path.join(out_dir, "*.bin"))):
+            raise DataError(f"{out_dir} holds token shards or a meta.json, but nothing says which script made them; "
+                            f"{afresh}")
+    if maker not in (None, script):
+        raise DataError(f"{out_dir} holds data that {maker} prepared, not {script}'s; {afresh}")
+    if recorded is not None and settings is not None and {"script": script, **settings} != recorded:
+        changed = ", ".join(f"{k}={settings[k]!r} (was {recorded.get(k)!r})" for k in settings
+                            if recorded.get(k) != settings[k])
+        raise DataError(f"{out_dir} was prepared with other settings ({changed}); {afresh}, or rerun with the "
+                        f"settings it was prepared with")
+    if settings is not None:
+        tmp = f"{record}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"script": script, **settings}, f)
+        os.replace(tmp, record)
+    return None
 
 
 def read_meta(data_dir):

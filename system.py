@@ -89,6 +89,16 @@ def all_reduce_mean(t, world):
     return t
 
 
+def start_wandb(c):
+    """The Weights & Biases run that train.py also logs to (wandb_log=True); imported only then."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("wandb_log=True needs the wandb package: pip install wandb (and log in), or leave "
+                          "wandb_log off; log.jsonl holds every record either way") from None
+    return wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=vars(c))
+
+
 def run_main(main, load_config, argv):
     """main(load_config(argv)); a bad input or setting, a stalled or dead process under torchrun, or Ctrl-C ends it
     with one line on stderr that says what happened and what to do (exit status 1; 130 for Ctrl-C)."""
@@ -105,7 +115,8 @@ def run_main(main, load_config, argv):
             raise
         sys.exit(f"error: another process stalled or died (no answer within ddp_timeout={config.ddp_timeout} s; "
                  f"{type(e).__name__}), so every process stops; the last checkpoint is in {config.out_dir}: "
-                 f"continue with --init_from=resume")
+                 f"continue with --init_from=resume (if no process died: rank 0 alone runs the task's evaluation and "
+                 f"writes the checkpoint, which can take longer than ddp_timeout: raise --ddp_timeout)")
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise

@@ -31,8 +31,8 @@ from gapt_versions import (GAPT_VERSIONS, SWITCH_REASONS, Algorithm1Gate, LaterG
 from hub import load_pretrained_state
 from mbe import patched_mbe
 from model import GPT, GPTConfig
-from shards import TokenWindows, read_meta
-from system import all_reduce_mean, run_main, setup_compute, setup_processes, to_device
+from shards import TokenWindows, check_same_tokens, read_meta
+from system import all_reduce_mean, run_main, setup_compute, setup_processes, start_wandb, to_device
 
 # -----------------------------------------------------------------------------
 # Defaults: GAPT on the multiplication task (python prepare_mult.py first), small enough for a laptop CPU.
@@ -140,8 +140,7 @@ class GAPT:
         self.phase = 1
         self.ce_min = math.inf  # the best CE since compression last began
         self.mbe_min = None  # per-layer MBE minima since memorization last began (+inf after a reset)
-        self.s_m, self.s_c = 0, 0  # steps without CE progress, without MBE progress
-        self.switches = 0
+        self.s_m, self.s_c, self.switches = 0, 0, 0  # steps without CE progress, without MBE progress; switches
         self.micro = 0  # the author's current_accumulation_step
         self.layer = 0  # which regularised layer compression backpropagates (an index into them)
         self.last_switch = None  # why the latest step switched phase (None if it did not)
@@ -298,6 +297,7 @@ def load_data(c):
     splits = {split: TokenWindows(c.data_dir, split, c.block_size, vocab_size=c.vocab_size) for split in
               ("train", "val", "test") if split != "test" or glob.glob(os.path.join(c.data_dir, "test_*.bin"))}
     for d in c.eval_data_dirs:
+        check_same_tokens(c.data_dir, d)  # before the vocabulary check, whose advice would not apply
         splits[os.path.basename(os.path.normpath(d))] = TokenWindows(d, "val", c.block_size, vocab_size=c.vocab_size)
     task_eval = None
     if meta.get("task") == "multiplication":
@@ -392,9 +392,6 @@ def train_line(r, align):  # the stdout line of a train record
 def main(c):  # setup_processes, setup_compute, open_run and load_data complete c: device, dtype, model shape, vocab
     ddp, rank, local_rank, world = setup_processes(c)
     master = rank == 0
-    if master:
-        print(f"gapt_mode={c.gapt_mode}: " + ("CE only" if c.gapt_mode == "off" else
-                                             f"gapt_version={c.gapt_version}, {GAPT_VERSIONS[c.gapt_version]}"))
     device_type = "cuda" if c.device.startswith("cuda") else c.device.split(":")[0]
     N = c.gradient_accumulation_steps  # micro-batches per optimizer step, over all processes
     micro_steps = N // world  # per process (setup_processes checked it divides)
@@ -404,6 +401,9 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
 
     # out_dir: the run to resume or evaluate, or a fresh one; the model's shape from a checkpoint or OpenAI's GPT-2
     checkpoint, pretrained_dir = open_run(c, DEFAULTS, explicit_keys(sys.argv[1:]))
+    if master:  # (a resume has named what this command changes first)
+        print(f"gapt_mode={c.gapt_mode}: " + ("CE only" if c.gapt_mode == "off" else
+                                             f"gapt_version={c.gapt_version}, {GAPT_VERSIONS[c.gapt_version]}"))
     mbe_layers = regularised_layers(c.mbe_layers, c.n_layer, c.gapt_version)  # now that the model's depth is known
     every_layer, paper_era, later = list(range(c.n_layer)), c.gapt_version == "paper_era", c.gapt_version == "later"
 
@@ -453,10 +453,7 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
     if master and resumed_at is None and c.overwrite_out_dir:
         clear_run(c.out_dir)  # only now that every setting, the data and the model have been checked
     log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
-    wandb_run = None
-    if c.wandb_log and master:
-        import wandb
-        wandb_run = wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=vars(c))
+    wandb_run = start_wandb(c) if c.wandb_log and master else None
     if master:
         print(setup_line(c, raw_model, mbe_layers, world, micro_steps, device_type))
 
@@ -466,13 +463,13 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
 
     def stop_if_not_finite(value):  # at each log line, eval, and (gapt_mode="gapt") step
         if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite loss at iter {iter_num} (or since the log line before it); the "
-                                     f"last good checkpoint in {c.out_dir} is left as it was")
+            raise FloatingPointError(f"non-finite loss at iter {iter_num} (or since the log line before it); " + (
+                f"the last good checkpoint in {c.out_dir} is left as it was" if os.path.exists(
+                    os.path.join(c.out_dir, "ckpt.pt")) else "no checkpoint was written yet (lower the learning rate)"))
 
     while True:
-        # the resume contract: one log, one step axis. Every eval_interval steps and at the end (but not again at the
-        # step a resume starts from, whose eval the log holds) evaluate, log, checkpoint; the checkpoint holds the
-        # open log interval, so its mean spans the resume
+        # one log, one step axis: evaluate, log and checkpoint (with the open log interval) every eval_interval steps
+        # and at the end, but not again at the step a resume starts from (the log holds its eval)
         if (iter_num % c.eval_interval == 0 or iter_num >= c.max_iters) and iter_num != resumed_at:
             t_eval = time.perf_counter()
             with autocast:
@@ -578,8 +575,9 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
             if master:
                 print(train_line(record, last_align))
                 log(record)
-            interval_loss.zero_()
-            t_last, interval_steps = time.perf_counter(), 0
+            if iter_num % c.log_interval == 0:  # a last line off the grid leaves the interval open (for a resume)
+                interval_loss.zero_()
+                t_last, interval_steps = time.perf_counter(), 0
 
     if master:  # where to look next
         log_file.close()

@@ -2,7 +2,7 @@
 # 32x the blocks of config/kernel_docs_gapt.py, the CPU model) on the Linux kernel documentation, evaluated on
 # held-out kernel documents and on the Python docs (a corpus it never trains on). docs/text_lm_gpu.md reports the
 # experiment and how it was sized. Prepare the data as config/kernel_docs_gapt.py says, then:
-#   python train.py config/kernel_docs_gpu.py                                # GAPT, the paper's settings
+#   python train.py config/kernel_docs_gpu.py                                # GAPT, this project's rules
 #   python experiment.py --out_root runs/text-lm-gpu --jobs 8 --threads 1 --seeds 0 1 --configs \
 #       config/kernel_docs_gpu.py+gapt_mode=off config/kernel_docs_gpu.py config/kernel_docs_gpu.py+gapt_ema=0.9 \
 #       config/kernel_docs_gpu.py+gapt_mode=always
