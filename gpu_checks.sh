@@ -3,7 +3,11 @@
 # 15 minutes, start-up included). docs/performance.md and docs/text_lm_gpu.md report what it printed.
 #   bash gpu_checks.sh [RESULTS_DIR]        # default out-gpu; needs, prepared on any machine beforehand:
 #     data/kernel_docs and data/python_docs_eval (the commands in config/kernel_docs_gapt.py), and
-#     .gpu/nanoGPT/model.py (model.py of a github.com/karpathy/nanoGPT checkout, for bench.py's nanoGPT row)
+#     .gpu/nanoGPT/model.py (model.py of a github.com/karpathy/nanoGPT checkout, for bench.py's nanoGPT row).
+#   data/ is ignored by git, so with the device tool name the shards in `carry` (they travel with the working tree,
+#   22 MB; ../shared does not travel): carry=["data/kernel_docs", "data/python_docs_eval", ".gpu"].
+# The sweep below is this project's earlier one (config/kernel_docs_gpu.py pins gapt_version="project"); the sweep with
+# the author's versions (issue #38) is not written yet.
 # 1. In parallel (the GPU shared): the 8 runs of the text-model sweep (config/kernel_docs_gpu.py: baseline, GAPT,
 #    GAPT with gapt_ema=0.9, always; seeds 0 and 1), the train-level tests on CUDA (GAPT_TEST_DEVICE=cuda), and about
 #    two minutes of config/fineweb_gapt.py on kernel-docs shards with a checkpoint and a resume.
@@ -35,7 +39,7 @@ SWEEP_PID=$!
 # 1b. the train-level tests on CUDA (4 at a time where pytest-xdist is installed)
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 want tests && GAPT_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q $XDIST -p no:cacheprovider tests/test_train.py \
-    tests/test_mult.py tests/test_mbe.py tests/test_gapt.py > "$RESULTS/tests.txt" 2>&1 &
+    tests/test_mult.py tests/test_mbe.py tests/test_gapt.py tests/test_gapt_versions.py > "$RESULTS/tests.txt" 2>&1 &
 TESTS_PID=$!
 
 # 1c. config/fineweb_gapt.py for 80 steps on one GPU (32,768 tokens per step), patience lowered so that phases switch;
