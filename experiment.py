@@ -43,7 +43,8 @@ import numpy as np
 
 from checkpoint import read_log
 from configurator import ConfigError
-from train import SWITCH_REASONS, load_config
+from gapt_versions import SWITCH_REASONS
+from train import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIGS = ["config/mult_baseline.py", "config/mult_baseline.py,config/gapt_paper_era.py",

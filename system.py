@@ -99,6 +99,30 @@ def start_wandb(c):
     return wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=vars(c))
 
 
+def step_means(loss_ce, mbe_sum, mbe_count, world):
+    """Over all processes: the mean loss and CE (loss_ce, each process's mean over its micro-steps), and each layer's
+    mean MBE over the micro-batches that measured it (None where none did)."""
+    t = torch.cat([loss_ce, mbe_sum, mbe_count])
+    for _ in (0,) if world > 1 else ():
+        dist.all_reduce(t)
+    loss, ce = (t[:2] / world).tolist()
+    sums, counts = t[2:].view(2, -1).tolist()
+    return loss, ce, [s / n if n else None for s, n in zip(sums, counts)]
+
+
+def step_optimizers(optimizers, scaler, model, grad_clip):
+    """Clip the global gradient norm (grad_clip > 0), step every optimizer through the (fp16) grad scaler, zero."""
+    if grad_clip > 0:
+        for opt in optimizers:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
 def run_main(main, load_config, argv):
     """main(load_config(argv)); a bad input or setting, a stalled or dead process under torchrun, or Ctrl-C ends it
     with one line on stderr that says what happened and what to do (exit status 1; 130 for Ctrl-C)."""

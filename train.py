@@ -10,7 +10,6 @@ Read top to bottom: the defaults, the GAPT state machine, the compression loss, 
 optimizer, and the training loop with its evaluations, logs and checkpoints.
 """
 
-import glob
 import json
 import math
 import os
@@ -26,13 +25,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from alignment import gradient_alignment
 from checkpoint import MODEL_KEYS, clear_run, finite_json, open_run, restore, rng_states, save_checkpoint
 from configurator import ConfigError, explicit_keys, load_config as parse_config
-from gapt_versions import (GAPT_VERSIONS, SWITCH_REASONS, Algorithm1Gate, LaterGate, ProjectGate, gate_state_dict,
-                           load_gate_state)
+from gapt_versions import GAPT_VERSIONS, Algorithm1Gate, LaterGate, ProjectGate, gate_state_dict, load_gate_state
 from hub import load_pretrained_state
 from mbe import patched_mbe
 from model import GPT, GPTConfig
-from shards import TokenWindows, check_same_tokens, read_meta
-from system import all_reduce_mean, run_main, setup_compute, setup_processes, start_wandb, to_device
+from evaluation import evaluate, load_data, setup_line, summary_lines, train_line
+from system import (all_reduce_mean, run_main, setup_compute, setup_processes, start_wandb, step_means, step_optimizers,
+                    to_device)
 
 # -----------------------------------------------------------------------------
 # Defaults: GAPT on the multiplication task (python prepare_mult.py first), small enough for a laptop CPU.
@@ -256,19 +255,6 @@ def one_layer_loss(hidden, layer, c, ddp_model=None):
     return loss if ddp_model is None else loss + 0.0 * sum(p.sum() for p in ddp_model.parameters())
 
 
-def step_optimizers(optimizers, scaler, model, grad_clip):
-    """Clip the global gradient norm (grad_clip > 0), step every optimizer through the (fp16) grad scaler, zero."""
-    if grad_clip > 0:
-        for opt in optimizers:
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for opt in optimizers:
-        scaler.step(opt)
-    scaler.update()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-
-
 def get_lr(it, c):
     """Linear warm-up (over warmup_iters, or the whole run if shorter), then cosine decay to min_lr at lr_decay_iters
     (max_iters if 0), then min_lr."""
@@ -285,63 +271,7 @@ def get_lr(it, c):
 
 
 # -----------------------------------------------------------------------------
-# Data and evaluation
-
-def load_data(c):
-    """The training windows; every split an evaluation measures (train, val, test where prepared, and the val split of
-    each eval_data_dirs corpus, named after its folder); the task's own evaluation, if the data has one."""
-    meta = read_meta(c.data_dir)
-    c.vocab_size = c.vocab_size or int(meta.get("vocab_size", 0))
-    if not c.vocab_size:
-        raise ConfigError(f"vocab_size=0 means 'read it from {c.data_dir}/meta.json', which has none; set --vocab_size")
-    splits = {split: TokenWindows(c.data_dir, split, c.block_size, vocab_size=c.vocab_size) for split in
-              ("train", "val", "test") if split != "test" or glob.glob(os.path.join(c.data_dir, "test_*.bin"))}
-    for d in c.eval_data_dirs:
-        check_same_tokens(c.data_dir, d)  # before the vocabulary check, whose advice would not apply
-        splits[os.path.basename(os.path.normpath(d))] = TokenWindows(d, "val", c.block_size, vocab_size=c.vocab_size)
-    task_eval = None
-    if meta.get("task") == "multiplication":
-        import prepare_mult
-        task_eval = prepare_mult.make_evaluator(c.data_dir, meta, c.device, c.block_size)
-    return splits["train"], splits, task_eval
-
-
-@torch.no_grad()
-def evaluate(model, splits, task_eval, mbe_layers, c, rank, world):
-    """Mean CE and per-layer MBE of every split on fixed windows (the same at every eval, shared among processes),
-    as SPLIT_ce, SPLIT_mbe (mean over the regularised layers) and SPLIT_mbe_layers; then the task's metrics."""
-    model.eval()
-    out = {}
-    for name, windows in splits.items():
-        positions = windows.draw(c.eval_iters * c.batch_size, torch.Generator().manual_seed(c.seed + 1))[rank::world]
-        ce_sum, mbe_sum = torch.zeros(1, device=c.device), torch.zeros(c.n_layer, device=c.device)
-        for start in range(0, len(positions), c.batch_size):
-            x, y = to_device(*windows.windows(positions[start:start + c.batch_size]), c.device)
-            _, ce, hidden = model(x, y, return_hidden=True)
-            ce_sum += ce.float() * len(x)
-            mbe_sum += layers_mbe(hidden, list(range(c.n_layer)), c).float() * len(x)
-        rows = torch.tensor([float(len(positions))], device=c.device)
-        for t in (ce_sum, mbe_sum, rows) if world > 1 else ():
-            dist.all_reduce(t)
-        mbe_all = (mbe_sum / rows).tolist()
-        out.update({f"{name}_ce": (ce_sum / rows).item(), f"{name}_mbe_layers": mbe_all,
-                    f"{name}_mbe": sum(mbe_all[i] for i in mbe_layers) / len(mbe_layers)})
-    if task_eval is not None and rank == 0:
-        out.update(task_eval(model))
-    model.train()
-    return out
-
-
-def step_means(loss_ce, mbe_sum, mbe_count, world):
-    """Over all processes: the mean loss and CE (loss_ce, each process's mean over its micro-steps), and each layer's
-    mean MBE over the micro-batches that measured it (None where none did)."""
-    t = torch.cat([loss_ce, mbe_sum, mbe_count])
-    for _ in (0,) if world > 1 else ():
-        dist.all_reduce(t)
-    loss, ce = (t[:2] / world).tolist()
-    sums, counts = t[2:].view(2, -1).tolist()
-    return loss, ce, [s / n if n else None for s, n in zip(sums, counts)]
-
+# The gates' feed after a step
 
 def feed_gate(gapt, c, phase, step_loss, mbe_sum, mbe_count, micro_signal, mbe_layers, world, check_finite):
     """After an optimizer step, the gates fed by the step's means over micro-batches and processes (algorithm1,
@@ -363,28 +293,6 @@ def feed_gate(gapt, c, phase, step_loss, mbe_sum, mbe_count, micro_signal, mbe_l
                   sum(regularised) / len(regularised))
         steps = [(phase, gapt.last_switch)]
     return [(before, switch) for before, switch in steps if switch is not None]
-
-
-def setup_line(c, model, mbe_layers, world, micro_steps, device_type):  # the run's shape, printed at its start
-    return (f"{model.get_num_params() / 1e6:.2f}M parameters, gapt_mode={c.gapt_mode}, MBE on layers {mbe_layers} "
-            f"(patch {c.mbe_patch_size}, alpha {c.mbe_alpha}); tokens per step "
-            f"{c.gradient_accumulation_steps * c.batch_size * c.block_size:,} ({world} process(es) x {micro_steps} "
-            f"micro-steps x {c.batch_size} x {c.block_size}), device {c.device}, dtype {c.dtype}"
-            + (" (float16 on a CPU is about 10x slower than float32)" if device_type == "cpu" and c.dtype == "float16"
-               else ""))
-
-
-def summary_lines(c, metrics, iter_num):  # the end of a run: its final metrics and where to look next
-    return ("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            + f"\ncheckpoint: {c.out_dir}/ckpt.pt{'' if iter_num else ' (none: no step was trained)'}\n"
-            f"log: {c.out_dir}/log.jsonl\nplot it: python plot.py {c.out_dir} -o {c.out_dir}/gapt.png")
-
-
-def train_line(r, align):  # the stdout line of a train record
-    return (f"iter {r['iter']}: loss {r['loss']:.4f} | CE {r['ce']:.4f} | MBE {r['mbe']:.4f} | phase {r['phase']} | "
-            f"lr {r['lr']:.2e} | {r['ms_per_iter']:.1f} ms/iter | {r['tokens_per_s']:,.0f} tok/s"
-            + (f" | MFU {r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "")
-            + (f" | grad cos {align:+.3f}" if align is not None else ""))
 
 
 # -----------------------------------------------------------------------------
