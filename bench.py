@@ -9,7 +9,9 @@ Variants, alternated step by step in one process so that machine drift affects t
   (a) baseline           CE only
   (b) compress           CE + w·mean MBE over the regularised layers, patches of mbe_patch_size tokens (the
                          compressing micro-batch of algorithm1, later and project; paper_era's backpropagates one
-                         layer's MBE alone, which costs less than (a))
+                         layer's MBE alone, which costs less than (a)), the MBE as train.py computes it: with
+                         compile=True compiled, its Gram products fused into reductions (mbe.py's fused=True)
+  (e) compress_eager     (b) with the MBE eager, batched Gram matmuls (the path before fused; compile=False's)
   (c) compress_whole     the same with mbe_patch_size=0 (one matrix per sequence)
   (d) memorize           a paper_era memorization step of one micro-batch: CE, plus what its gate watches on a
                          step's last micro-batch: every layer's MBE without gradients, and the host sync of both
@@ -19,9 +21,9 @@ Variants, alternated step by step in one process so that machine drift affects t
 Every variant steps the config's optimizer (AdamW, or Muon + AdamW with optimizer="muon").
 It also times the MBE of the stacked hidden states alone (forward + backward), the α=2 closed form against the
 eigenvalue path (α=1) at --alpha_shape, and this machine's peak matmul FLOP/s, for the MFU column.
-With --mbe_compiled=1 (the default when the config compiles) it also times that MBE under torch.compile, and checks
-that it gives the same value: on a GPU the eager MBE is 10% of a GPT-2 124M step (docs/performance.md), and this
-says how much of it compilation could save.
+With --mbe_compiled=1 (the default when the config compiles) it also times that MBE as train.py runs it under
+compile=True (compiled, fused reductions) and checks that value and gradient equal the eager path's; beside it, the
+MBE's memory-traffic floor: on a GPU the eager MBE was 10% of a GPT-2 124M step (docs/performance.md).
 --micro_batches=N makes every timed step N micro-batches of batch_size (then one optimizer step), as
 gradient_accumulation_steps does in train.py (default 1: the worst case for (d)).
 Bench flags: --steps, --warmup, --micro_batches, --alpha_shape=B,N,D (empty to skip), --alpha_threads, --nanogpt_dir,
@@ -38,7 +40,7 @@ from types import SimpleNamespace
 
 import torch
 
-from mbe import mbe, patched_mbe
+from mbe import compiled_patched_mbe, mbe, patched_mbe
 from model import GPT, GPTConfig
 from shards import read_meta
 from configurator import ConfigError
@@ -131,11 +133,14 @@ def main(argv):
     forward = torch.compile(model) if c.compile else model
     layers = regularised_layers(c.mbe_layers, c.n_layer, c.gapt_version)
     whole = SimpleNamespace(**{**vars(c), "mbe_patch_size": 0})
+    eager_mbe = SimpleNamespace(**{**vars(c), "compile": False})  # layers_mbe's eager path
     gapt = GAPT(micro_batches=2, n_regularised=len(layers), patience_memorize=10 ** 9)  # never leaves memorization
     x = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
     y = torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device)
     tokens = bench.micro_batches * c.batch_size * c.block_size  # per timed step
-    variants = ["baseline", "compress", "compress_whole", "memorize"]
+    variants = ["baseline", "compress"] + ["compress_eager"] * c.compile + ["compress_whole", "memorize"]
+    labels = {"baseline": "a", "compress": "b", "compress_eager": "e", "compress_whole": "c", "memorize": "d",
+              "nanogpt": "n"}
     if bench.nanogpt_dir:
         nano_model, nano_optimizer = load_nanogpt(bench.nanogpt_dir, c, vocab_size, device_type)
         nano_forward = torch.compile(nano_model) if c.compile else nano_model
@@ -148,7 +153,8 @@ def main(argv):
         with autocast:
             _, ce, hidden = forward(x, y, return_hidden=variant != "baseline")
         if variant.startswith("compress"):
-            return ce + c.mbe_weight * layers_mbe(hidden, layers, c if variant == "compress" else whole).mean(), ce
+            settings = {"compress": c, "compress_eager": eager_mbe, "compress_whole": whole}[variant]
+            return ce + c.mbe_weight * layers_mbe(hidden, layers, settings).mean(), ce
         if variant == "memorize":
             with torch.no_grad():
                 return ce, (ce, layers_mbe(hidden, list(range(c.n_layer)), c))
@@ -195,15 +201,23 @@ def main(argv):
     mbe_ms = statistics.median(timed(mbe_only, device_type) for _ in range(max(3, bench.steps))) * 1000
     mbe_compiled_ms = None
     if bench.mbe_compiled == 1 or (bench.mbe_compiled == -1 and c.compile):
-        compiled_mbe = torch.compile(patched_mbe)
-        with torch.no_grad():
-            eager_value = patched_mbe(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
-            compiled_value = compiled_mbe(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+        compiled_mbe = compiled_patched_mbe()  # the trainer's path with compile=True: fused reductions
+
+        def value_and_grad(mbe_fn):
+            hidden.grad = None
+            value = mbe_fn(hidden, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+            value.sum().backward()
+            return value.detach(), hidden.grad.clone()
+        (eager_value, eager_grad), (compiled_value, compiled_grad) = map(value_and_grad, (patched_mbe, compiled_mbe))
         mbe_compiled_diff = (compiled_value - eager_value).abs().max().item()
+        mbe_compiled_grad_diff = ((compiled_grad - eager_grad).abs().max() / eager_grad.abs().max()).item()
         for _ in range(2):  # compilation (forward and backward graphs)
             mbe_only(compiled_mbe)
         mbe_compiled_ms = statistics.median(timed(lambda: mbe_only(compiled_mbe), device_type)
                                             for _ in range(max(3, bench.steps))) * 1000
+    # the memory-traffic floor of the MBE: forward reads the hidden states once, backward reads them and writes their
+    # gradient: 1.5 x the time of one read and one write (an out-of-place multiply)
+    floor_ms = 1.5 * statistics.median(timed(lambda: hidden.detach() * 2, device_type) for _ in range(5)) * 1000
 
     peak = peak_matmul_flops(c.device, ptdtype, device_type)
     flops_per_token = model.flops_per_token()
@@ -214,14 +228,16 @@ def main(argv):
                         "batch_size": c.batch_size, "vocab_size": vocab_size, "params": model.get_num_params()},
               "mbe_patch_size": c.mbe_patch_size, "mbe_layers": str(c.mbe_layers), "steps": bench.steps,
               "peak_flops": peak, "memory_kind": "peak allocated" if device_type == "cuda" else "saved activations",
-              "mbe_only_ms": mbe_ms, "mbe_only_compiled_ms": mbe_compiled_ms, "variants": {}}
+              "mbe_only_ms": mbe_ms, "mbe_only_compiled_ms": mbe_compiled_ms, "mbe_floor_ms": floor_ms,
+              "variants": {}}
     print(f"{result['device_name']}, {result['threads']} threads, {c.dtype}, compile={c.compile}, {c.optimizer}; model "
           f"{c.n_layer}x{c.n_embd}, block {c.block_size}, batch {c.batch_size} ({model.get_num_params() / 1e6:.1f}M "
           f"params); {bench.steps} timed rounds; measured peak matmul {peak / 1e12:.3f} TFLOP/s\n")
     print(f"| variant | ms/step (median) | spread (min–max) | tokens/s | ratio to (a) | {result['memory_kind']} MB | "
           f"memory ratio | MFU |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, v in zip("abcdn", variants):
+    for v in variants:
+        label = labels[v]
         med = statistics.median(times[v])
         mfu = flops_per_token * tokens / med / peak
         row = {"ms_median": med * 1000, "ms_min": min(times[v]) * 1000, "ms_max": max(times[v]) * 1000,
@@ -238,9 +254,11 @@ def main(argv):
           f"= {mbe_ms / (base * 1000):.1%} of a baseline step")
     if mbe_compiled_ms is not None:
         result["mbe_compiled_max_abs_diff"] = mbe_compiled_diff
-        print(f"MBE alone under torch.compile: {mbe_compiled_ms:.2f} ms = {mbe_compiled_ms / (base * 1000):.1%} of a "
+        result["mbe_compiled_grad_rel_diff"] = mbe_compiled_grad_diff
+        print(f"MBE alone compiled, fused: {mbe_compiled_ms:.2f} ms = {mbe_compiled_ms / (base * 1000):.1%} of a "
               f"baseline step ({mbe_ms / mbe_compiled_ms:.2f}x faster than eager; values differ by at most "
-              f"{mbe_compiled_diff:.1e})")
+              f"{mbe_compiled_diff:.1e}, gradients by {mbe_compiled_grad_diff:.1e} of their largest)")
+    print(f"MBE memory-traffic floor (1.5 x one read and write of the hidden states): {floor_ms:.2f} ms")
 
     if bench.alpha_shape:  # the α=2 closed form against the eigenvalue path, forward + backward
         B, N, D = (int(v) for v in bench.alpha_shape.split(","))

@@ -357,8 +357,12 @@ def main(argv=None):
             max_iters = max_iters_of(config, overrides + args.set)
         except ConfigError as e:
             parser.error(f"--configs {'+'.join([config, *overrides])}: {e}")
+        name = run_name(config, overrides + args.set)
+        if len(name) > 200 or "/" in name:
+            parser.error(f"the run name {name[:60]}... (the last config file and the overrides, --set included) is "
+                         f"too long for a folder or holds a '/': pass such settings with --train_args (not named)")
         for seed in args.seeds:
-            out_dir = os.path.join(args.out_root, f"{run_name(config, overrides + args.set)}-s{seed}")
+            out_dir = os.path.join(args.out_root, f"{name}-s{seed}")
             runs.append((config, overrides, seed, out_dir, max_iters))
             check_identity(out_dir, {"configs": config.split(","), "overrides": overrides + args.set,
                                      "train_args": args.train_args, "seed": seed})

@@ -11,6 +11,7 @@ length. Z Zᵀ (N×N) and Zᵀ Z (D×D) share their non-zero eigenvalues, so we 
 eigendecomposition is needed: Σ λ² = ‖G‖_F² / tr(G)², so S_2 = 2·log tr(G) − log ‖G‖_F².
 """
 
+import functools
 import math
 
 import torch
@@ -18,37 +19,57 @@ from torch.autograd.function import once_differentiable
 
 # a Gram matrix whose trace is below this is treated as all-zero: entropy 0, gradient 0
 _TINY_TRACE = 1e-30
+# fused=True computes Gram matrices of at most this many rows as broadcast products and sums (see _Renyi2)
+FUSED_MAX_ROWS = 32
+
+
+def _small_gram(Z):
+    """Z Zᵀ of each matrix in Z (..., n, D) as one product-and-sum: (..., n, 1, D) * (..., 1, n, D) summed over D."""
+    return (Z.unsqueeze(-2) * Z.unsqueeze(-3)).sum(-1)
 
 
 class _Renyi2(torch.autograd.Function):
     """S_2 = 2·log tr(G) − log ‖G‖_F² of each matrix in Z (..., N, D), G its smaller Gram matrix, with the gradient
     written out: dS/dZ = 4·Z / tr(G) − 4·G Z / ‖G‖_F² (G = Z Zᵀ; Z G for G = Zᵀ Z). One matmul forward and one
-    backward; autograd through the Gram product would take two backward. An all-zero Z gives 0 and gradient 0."""
+    backward; autograd through the Gram product would take two backward. An all-zero Z gives 0 and gradient 0.
+
+    fused=True (wide matrices of at most FUSED_MAX_ROWS rows, the MBE patches): the same math with G = Z Zᵀ and G Z
+    written as broadcast products and sums instead of batched matmuls, so that torch.compile makes each of the
+    forward and the backward one reduction that reads Z once (a GPU's batched matmul of 8 x 768 patches is far from
+    its memory-traffic floor, docs/performance.md). Eager, the product materialises n copies of Z: compiled use only."""
 
     @staticmethod
-    def forward(ctx, Z):
+    def forward(ctx, Z, fused=False):
         wide = Z.shape[-2] <= Z.shape[-1]
-        G = Z @ Z.mT if wide else Z.mT @ Z  # (..., m, m) with m = min(N, D)
+        fused = fused and wide and Z.shape[-2] <= FUSED_MAX_ROWS
+        if fused:
+            G = _small_gram(Z)  # (..., N, N)
+        else:
+            G = Z @ Z.mT if wide else Z.mT @ Z  # (..., m, m) with m = min(N, D)
         trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
         frob2 = G.square().sum((-2, -1))
         nonzero = trace > _TINY_TRACE
         trace, frob2 = (torch.where(nonzero, x, torch.ones_like(x)) for x in (trace, frob2))
         ctx.save_for_backward(Z, G, trace, frob2, nonzero)
-        ctx.wide = wide
+        ctx.wide, ctx.fused = wide, fused
         return torch.where(nonzero, 2 * torch.log(trace) - torch.log(frob2), torch.zeros_like(trace))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_S):
         Z, G, trace, frob2, nonzero = ctx.saved_tensors
-        GZ = G @ Z if ctx.wide else Z @ G
+        if ctx.fused:  # (G Z)[i, d] = Σ_j G[i, j] Z[j, d] as a product and a sum over j
+            GZ = (G.unsqueeze(-1) * Z.unsqueeze(-3)).sum(-2)
+        else:
+            GZ = G @ Z if ctx.wide else Z @ G
         grad_S = torch.where(nonzero, grad_S, torch.zeros_like(grad_S))
         a, b = (4 * grad_S / trace)[..., None, None], (4 * grad_S / frob2)[..., None, None]
-        return a * Z - b * GZ
+        return a * Z - b * GZ, None
 
 
-def mbe(Z, alpha=2.0):
+def mbe(Z, alpha=2.0, fused=False):
     """Matrix-based α-entropy (natural log) of each matrix in Z (..., N, D); returns a tensor of shape (...).
+    fused=True: α=2 on small wide matrices as reductions that torch.compile fuses (_Renyi2); the same value.
 
     Computed in float32 (float64 stays float64) with autocast disabled, whatever the input dtype: a Gram matmul under
     bf16 autocast runs in bf16 and is off by ~0.1 nats. An all-zero matrix has entropy 0 and a finite gradient.
@@ -59,7 +80,7 @@ def mbe(Z, alpha=2.0):
         Z = Z.double() if Z.dtype == torch.float64 else Z.float()
         N, D = Z.shape[-2], Z.shape[-1]
         if alpha == 2:
-            S = _Renyi2.apply(Z)
+            S = _Renyi2.apply(Z, fused)
         else:
             G = Z @ Z.mT if N <= D else Z.mT @ Z  # (..., m, m) with m = min(N, D)
             trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -79,13 +100,14 @@ def mbe(Z, alpha=2.0):
         return S.clamp(0.0, math.log(min(N, D)))
 
 
-def patched_mbe(h, patch_size, alpha=2.0, center=False):
+def patched_mbe(h, patch_size, alpha=2.0, center=False, fused=False):
     """Mean MBE over consecutive patches of patch_size tokens.
 
     h: (..., B, T, D). Each run of patch_size tokens of a sequence is one matrix (the paper's code uses 8);
     patch_size=0 takes the whole sequence. Returns the mean over patches and over the batch dim B: shape (...),
     so the stacked hidden states (n_layer, B, T, D) give one value per layer, in one batched call.
     center=True subtracts each patch's mean token first (then a patch of identical tokens has entropy 0).
+    fused=True: see mbe(); for torch.compile (compiled_patched_mbe()), which the trainer uses when compile=True.
     """
     T, D = h.shape[-2], h.shape[-1]
     P = T if patch_size == 0 else patch_size
@@ -95,4 +117,11 @@ def patched_mbe(h, patch_size, alpha=2.0, center=False):
     patches = h.reshape(*h.shape[:-2], T // P, P, D)  # (..., B, T/P, P, D)
     if center:
         patches = patches - patches.mean(dim=-2, keepdim=True)
-    return mbe(patches, alpha).mean(dim=(-2, -1))  # mean over patches, then over the batch
+    return mbe(patches, alpha, fused).mean(dim=(-2, -1))  # mean over patches, then over the batch
+
+
+@functools.cache
+def compiled_patched_mbe():
+    """patched_mbe with fused=True under torch.compile (made on first use: importing torch.compile costs seconds),
+    compiled on its first call and again for a new shape or grad mode."""
+    return torch.compile(functools.partial(patched_mbe, fused=True))

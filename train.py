@@ -27,7 +27,7 @@ from checkpoint import MODEL_KEYS, clear_run, finite_json, open_run, restore, rn
 from configurator import ConfigError, explicit_keys, load_config as parse_config
 from gapt_versions import GAPT_VERSIONS, Algorithm1Gate, LaterGate, ProjectGate, gate_state_dict, load_gate_state
 from hub import load_pretrained_state
-from mbe import patched_mbe
+from mbe import compiled_patched_mbe, patched_mbe
 from model import GPT, GPTConfig
 from evaluation import evaluate, load_data, setup_line, summary_lines, train_line
 from system import (all_reduce_mean, run_main, setup_compute, setup_processes, start_wandb, step_means, step_optimizers,
@@ -226,10 +226,11 @@ def regularised_layers(mbe_layers, n_layer, version):
 
 def layers_mbe(hidden, layers, c):
     """S_α of the residual stream after each block in layers: hidden (n_layer, B, T, D) -> (len(layers),), each the
-    mean over patches of mbe_patch_size tokens. Contiguous layers are sliced (a view), others gathered (a copy)."""
+    mean over patches of mbe_patch_size tokens. Contiguous layers are sliced (a view), others gathered (a copy).
+    With compile=True the MBE is compiled too, its Gram products fused into reductions (mbe.py's fused=True)."""
     contiguous = layers == list(range(layers[0], layers[-1] + 1))
     picked = hidden[layers[0]:layers[-1] + 1] if contiguous else hidden[layers]
-    return patched_mbe(picked, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+    return (compiled_patched_mbe() if c.compile else patched_mbe)(picked, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
 
 
 def compression_loss(ce, layer_mbe, c, step):

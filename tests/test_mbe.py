@@ -100,6 +100,29 @@ def test_alpha2_hand_written_gradient_matches_autograd_of_the_formula(shape):
     assert torch.equal(zero.grad, torch.zeros_like(zero))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fused_path_has_the_same_value_and_gradient(dtype, tol):
+    """fused=True (the trainer's path under compile=True, here eager) against the batched matmuls, patches of 8 x 24
+    with an all-zero patch among them; taller or wider-than-FUSED_MAX_ROWS matrices fall back to the matmuls."""
+    torch.manual_seed(6)
+    h = torch.randn(3, 2, 32, 24, dtype=dtype) + torch.randn(3, 1, 1, 24, dtype=dtype)
+    h[1, 0, :8] = 0
+    results = []
+    for fused in (False, True):
+        x = h.clone().requires_grad_()
+        value = patched_mbe(x, 8, 2.0, fused=fused)
+        (value * torch.tensor([1.0, -2.0, 0.5], dtype=dtype)).sum().backward()
+        results.append((value.detach(), x.grad))
+    (v0, g0), (v1, g1) = results
+    assert v0.shape == (3,) and torch.allclose(v1, v0, rtol=tol, atol=tol)
+    assert torch.allclose(g1, g0, rtol=tol, atol=tol * g0.abs().max().item()) and g1[1, 0, :8].abs().max() == 0
+    assert not torch.equal(g1, g0) or dtype == torch.float64  # the fused sums ran: float32 rounds in another order
+    Z = torch.randn(2, 40, 48, dtype=torch.float64)  # 40 rows > FUSED_MAX_ROWS, and a tall matrix: the matmul path
+    assert torch.equal(mbe(Z, 2.0, fused=True), mbe(Z, 2.0)) and torch.equal(mbe(Z.mT, 2.0, fused=True), mbe(Z.mT, 2.0))
+    assert torch.autograd.gradcheck(lambda z: mbe(z, 2.0, fused=True), (torch.randn(2, 5, 7, dtype=torch.float64,
+                                                                                      requires_grad=True),))
+
+
 def test_patched_mbe_is_mean_over_patches_and_batch_per_layer():
     torch.manual_seed(5)
     h = torch.randn(3, 2, 16, 12)  # (n_layer, B, T, D)

@@ -117,7 +117,9 @@ def test_experiment_runs_are_their_arguments(token_data, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["--jobs", "0"], "--jobs 0: give 1 or more"),
-                                           (["--seeds", "0", "1", "0"], "--seeds lists 0 more than once")])
+                                           (["--seeds", "0", "1", "0"], "--seeds lists 0 more than once"),
+                                           (["--set", "data_dir=/tmp/x"], "holds a '/': pass such settings with"),
+                                           (["--set", *[f"n_embd={4 * i}" for i in range(1, 40)]], "is too long for a")])
 def test_experiment_bad_counts_are_one_line(args, message):
     result = experiment(*args, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

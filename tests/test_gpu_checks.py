@@ -1,0 +1,44 @@
+"""gpu_checks.sh end to end on the CPU at toy sizes (GPU_CHECKS_TINY=1), so that the one command prepared for a GPU
+cannot rot before a GPU is lent: every part runs, the sweep's two waves and its table, the logs' archive."""
+
+import json
+import os
+import subprocess
+import tarfile
+
+import numpy as np
+
+from conftest import REPO
+
+
+def test_gpu_checks_runs_every_part_at_toy_sizes(tmp_path):
+    from shards import write_shard
+    data, python_docs = tmp_path / "kernel", tmp_path / "python"
+    rng = np.random.default_rng(0)
+    for folder, splits in ((data, ("train_000001", "val_000000", "test_000000")), (python_docs, ("val_000000",))):
+        folder.mkdir()
+        for split in splits:
+            write_shard(str(folder / f"{split}.bin"), rng.integers(0, 64, size=3000))
+        (folder / "meta.json").write_text(json.dumps({"vocab_size": 64}))
+    results = tmp_path / "results"
+    env = {**os.environ, "GPU_CHECKS_TINY": "1", "REGIME_DATA": str(data), "REGIME_EVAL": str(python_docs),
+           "SWEEP_ROOT": str(tmp_path / "sweep"), "BIG_ROOT": str(tmp_path / "big"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", "gpu_checks.sh", str(results)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    for part in ("bench exit 0", "sweep wave 1 exit 0", "tests exit 0", "sweep wave 2 exit 0", "big exit 0"):
+        assert part in out, out
+    assert "| (a) baseline |" in (results / "bench.txt").read_text()
+    assert "1 passed" in (results / "tests.txt").read_text()  # test_exact_resume
+    share = float(out.split("random gate at share ")[1].split()[0])
+    assert 0 < share < 1  # the paper_era row compressed on some steps, not all (patience 2 in 8 steps)
+    table = (results / "sweep_table.txt").read_text()
+    for row in ("kernel_docs_regime ", "dropout_0.1", "dropout_0.2", "gapt_paper_era ", "gapt_algorithm1",
+                "gapt_ema_0.9+mbe_floor_0.5", "gapt_mode_always", f"gapt_random_share_{share:.2f}"):
+        assert row in table, table
+    runs = sorted(os.listdir(tmp_path / "sweep"))
+    assert len(runs) == 8 and all(os.path.exists(tmp_path / "sweep" / r / "done") for r in runs)
+    with tarfile.open(results / "logs.tar.gz") as archive:
+        names = archive.getnames()
+    assert len([n for n in names if n.endswith("log.jsonl")]) == 8 + 2  # the sweep and the big model
