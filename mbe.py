@@ -120,8 +120,14 @@ def patched_mbe(h, patch_size, alpha=2.0, center=False, fused=False):
     return mbe(patches, alpha, fused).mean(dim=(-2, -1))  # mean over patches, then over the batch
 
 
+def _fused_when_compiled(h, patch_size, alpha=2.0, center=False):
+    # fused only while torch.compile traces: should dynamo ever fall back to eager (its recompile limit), the eager
+    # broadcast product would hold patch_size copies of the hidden states
+    return patched_mbe(h, patch_size, alpha, center, fused=torch.compiler.is_compiling())
+
+
 @functools.cache
 def compiled_patched_mbe():
     """patched_mbe with fused=True under torch.compile (made on first use: importing torch.compile costs seconds),
     compiled on its first call and again for a new shape or grad mode."""
-    return torch.compile(functools.partial(patched_mbe, fused=True))
+    return torch.compile(_fused_when_compiled)

@@ -29,16 +29,18 @@ def test_gpu_checks_runs_every_part_at_toy_sizes(tmp_path):
     assert result.returncode == 0, out + result.stderr
     for part in ("bench exit 0", "sweep wave 1 exit 0", "tests exit 0", "sweep wave 2 exit 0", "big exit 0"):
         assert part in out, out
-    assert "| (a) baseline |" in (results / "bench.txt").read_text()
+    bench = (results / "bench.txt").read_text()  # compiled as on a GPU: (b) with the fused MBE, (e) with the eager one
+    assert "| (b) compress |" in bench and "| (e) compress_eager |" in bench and "MBE alone compiled, fused" in bench
     assert "1 passed" in (results / "tests.txt").read_text()  # test_exact_resume
     share = float(out.split("random gate at share ")[1].split()[0])
     assert 0 < share < 1  # the paper_era row compressed on some steps, not all (patience 2 in 8 steps)
     table = (results / "sweep_table.txt").read_text()
-    for row in ("kernel_docs_regime ", "dropout_0.1", "dropout_0.2", "gapt_paper_era ", "gapt_algorithm1",
+    for row in ("kernel_docs_regime ", "dropout_0.1", "gapt_paper_era ", "gapt_algorithm1",
                 "gapt_ema_0.9+mbe_floor_0.5", "gapt_mode_always", f"gapt_random_share_{share:.2f}"):
         assert row in table, table
     runs = sorted(os.listdir(tmp_path / "sweep"))
-    assert len(runs) == 8 and all(os.path.exists(tmp_path / "sweep" / r / "done") for r in runs)
+    assert len(runs) == 7 and all(os.path.exists(tmp_path / "sweep" / r / "done") for r in runs)
     with tarfile.open(results / "logs.tar.gz") as archive:
         names = archive.getnames()
-    assert len([n for n in names if n.endswith("log.jsonl")]) == 8 + 2  # the sweep and the big model
+    assert len([n for n in names if n.endswith("log.jsonl")]) == 7 + 2  # the sweep and the big model
+    assert len([n for n in names if n.endswith("/done")]) == 7 + 2  # what makes a later call skip them
