@@ -148,7 +148,7 @@ def test_paper_era_loop_backpropagates_ce_alone_or_one_layers_mbe_alone(token_da
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
-    c = SimpleNamespace(mbe_patch_size=8, mbe_alpha=2.0, mbe_center=False)
+    c = SimpleNamespace(mbe_patch_size=8, mbe_alpha=2.0, mbe_center=False, compile=False)
     data, rng = TokenWindows(token_data, "train", 16), torch.Generator().manual_seed(1337)
     logged = [r["loss"] for r in read_log(out, "train")]
     for step, roles in enumerate((["ce", "ce", "ce", "mbe"], ["mbe", "mbe", "mbe", "ce"])):

@@ -157,7 +157,10 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(token_data, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, f"--data_dir={token_data}",
                              f"--out_dir={out}", "--max_iters=100000", "--eval_interval=3", "--log_interval=1"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # a shell's background job inherits SIGINT ignored (and Python then keeps it so): as a
+                            # terminal would, give the run the default disposition
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: (out / "ckpt.pt").exists())
         proc.send_signal(signal.SIGINT)
