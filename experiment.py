@@ -24,7 +24,7 @@ Multiplication runs are tabulated by their answer metrics; text runs by validati
 eval_data_dirs corpus (out-of-distribution text). Every row also has GAPT's share of steps compressing, its phase
 switches counted by reason, the mean length of a compression phase, and the batch noise of one step's CE (runs with
 log_interval=1). Then, per seed, each run's relative difference to the first config's run of the same seed, and for
-the first metric its mean, standard error, how many seeds are lower, a sign test and a sign-flip permutation test.
+each metric its mean, standard error, how many seeds are lower, a sign test and a sign-flip permutation test.
 """
 
 import argparse
@@ -217,14 +217,12 @@ def paired_differences(results, metrics):
             summary.append(f"- {name} ({len(d)} seed{'s' if len(d) > 1 else ''}): " + ", ".join(
                 f"{label} {m:+.1f}% ± {s:.1f}%" + (" (beyond the spread)" if len(d) > 1 and abs(m) > s else "")
                 for (label, _), m, s in zip(metrics, d.mean(0), spread)))
-            label, column = metrics[0][0], d[:, 0]  # the headline metric: mean, standard error, tests
-            if len(column) < 2:  # one seed: no standard error, no test
-                continue
-            sign_p, perm_p = paired_tests(column)
-            sem = column.std(ddof=1) / np.sqrt(len(column))
-            summary.append(f"  {label}: mean {column.mean():+.2f}% (standard error {sem:.2f}%), lower on "
-                           f"{int((column < 0).sum())} of {len(column)} seeds; sign test p = {sign_p:.3f}, "
-                           f"sign-flip permutation test p = {perm_p:.3f} (two-sided)")
+            for (label, _), column in zip(metrics, d.T) if len(d) > 1 else ():  # the headline metric first
+                sign_p, perm_p = paired_tests(column)
+                sem = column.std(ddof=1) / np.sqrt(len(column))
+                summary.append(f"  {label}: mean {column.mean():+.2f}% (standard error {sem:.2f}%), lower on "
+                               f"{int((column < 0).sum())} of {len(column)} seeds; sign test p = {sign_p:.3f}, "
+                               f"sign-flip permutation test p = {perm_p:.3f} (two-sided)")
     return lines + [""] + summary
 
 

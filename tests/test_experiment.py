@@ -70,6 +70,8 @@ def test_paired_summary_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "OOD answer-CE: mean -8.33% (standard error 7.26%), lower on 2 of 3 seeds; sign test p = 1.000, " \
            "sign-flip permutation test p = 0.500 (two-sided)" in out
+    # every other metric gets its own line (ID answer-CE is unchanged here: 0 of 3 lower)
+    assert "ID answer-CE: mean +0.00% (standard error 0.00%), lower on 0 of 3 seeds; sign test p = 1.000" in out
 
 
 def test_threads_default_to_the_machines_cores_over_jobs(monkeypatch):
