@@ -42,10 +42,7 @@ class _Renyi2(torch.autograd.Function):
     def forward(ctx, Z, fused=False):
         wide = Z.shape[-2] <= Z.shape[-1]
         fused = fused and wide and Z.shape[-2] <= FUSED_MAX_ROWS
-        if fused:
-            G = _small_gram(Z)  # (..., N, N)
-        else:
-            G = Z @ Z.mT if wide else Z.mT @ Z  # (..., m, m) with m = min(N, D)
+        G = _small_gram(Z) if fused else Z @ Z.mT if wide else Z.mT @ Z  # (..., m, m) with m = min(N, D)
         trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
         frob2 = G.square().sum((-2, -1))
         nonzero = trace > _TINY_TRACE

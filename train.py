@@ -226,8 +226,7 @@ def regularised_layers(mbe_layers, n_layer, version):
 
 def layers_mbe(hidden, layers, c):
     """S_α of the residual stream after each block in layers: hidden (n_layer, B, T, D) -> (len(layers),), each the
-    mean over patches of mbe_patch_size tokens. Contiguous layers are sliced (a view), others gathered (a copy).
-    With compile=True the MBE is compiled too, its Gram products fused into reductions (mbe.py's fused=True)."""
+    mean over patches of mbe_patch_size tokens (contiguous layers a view, others a copy; compiled fused if compile)."""
     contiguous = layers == list(range(layers[0], layers[-1] + 1))
     picked = hidden[layers[0]:layers[-1] + 1] if contiguous else hidden[layers]
     return (compiled_patched_mbe() if c.compile else patched_mbe)(picked, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
