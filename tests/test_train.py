@@ -597,6 +597,21 @@ def test_random_gate_compresses_a_random_share_of_steps_the_same_after_resume(to
     assert all((r["loss"] > r["ce"]) == (r["phase"] == 2) for r in a)
 
 
+def test_a_random_gate_at_share_zero_is_the_ce_only_baseline(token_data, tmp_path):
+    """docs/author_gapt.md uses the baseline's logs for a random gate at share 0: no step compresses and the run
+    repeats the CE-only run's losses and evaluations bit for bit (on the CPU)."""
+    common = [*TINY, f"--data_dir={token_data}", "--max_iters=8", "--eval_interval=4", "--log_interval=1"]
+    base, rand = str(tmp_path / "off"), str(tmp_path / "random0")
+    run_train(*common, f"--out_dir={base}", "--gapt_mode=off")
+    run_train(*common, f"--out_dir={rand}", "--gapt_mode=random", "--gapt_random_share=0.0")
+    a, b = read_log(base, "train"), read_log(rand, "train")
+    assert len(a) == 8 and [r["phase"] for r in b] == [1] * 8 and b[-1]["compress_steps"] == 0
+    tol = dict(abs=LOSS_TOL, rel=0)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], **tol)
+    assert [r["val_ce"] for r in read_log(rand, "eval")] == pytest.approx(
+        [r["val_ce"] for r in read_log(base, "eval")], **tol)
+
+
 def test_a_test_split_is_evaluated_beside_train_and_val(token_data, tmp_path):
     import shutil
     data = tmp_path / "with_test"
