@@ -217,7 +217,9 @@ def paired_differences(results, metrics):
             summary.append(f"- {name} ({len(d)} seed{'s' if len(d) > 1 else ''}): " + ", ".join(
                 f"{label} {m:+.1f}% ± {s:.1f}%" + (" (beyond the spread)" if len(d) > 1 and abs(m) > s else "")
                 for (label, _), m, s in zip(metrics, d.mean(0), spread)))
-            for (label, _), column in zip(metrics, d.T) if len(d) > 1 else ():  # the headline metric first
+            if len(d) < 2:  # one seed: no standard error, no test
+                continue
+            for (label, _), column in zip(metrics, d.T):  # the headline metric first
                 sign_p, perm_p = paired_tests(column)
                 sem = column.std(ddof=1) / np.sqrt(len(column))
                 summary.append(f"  {label}: mean {column.mean():+.2f}% (standard error {sem:.2f}%), lower on "
