@@ -55,7 +55,7 @@ def open_run(c, defaults, explicit=()):
                               "optimizer": checkpoint["config"].get("optimizer", c.optimizer)}, defaults,
                           f"the run in {ckpt_path}", "drop that setting to resume, or train it from scratch in "
                           f"another out_dir")
-        validate(vars(c))  # the settings again, with the shape of the model in the checkpoint
+        validate(vars(c), defaults)  # the settings again, with the shape of the model in the checkpoint
         if not c.eval_only and int(os.environ.get("RANK", 0)) == 0:
             truncate_log(log_path, checkpoint["iter_num"], c.log_interval)
         return checkpoint, None
@@ -80,7 +80,7 @@ def open_run(c, defaults, explicit=()):
     if c.block_size > shape["block_size"]:
         raise ConfigError(f"block_size {c.block_size} is longer than {c.init_from}'s context ({shape['block_size']}); "
                           f"use at most that")
-    validate(vars(c))
+    validate(vars(c), defaults)
     return None, folder
 
 

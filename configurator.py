@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
+from gapt_versions import VERSIONS
 from hub import PRETRAINED
 
 
@@ -26,8 +27,7 @@ KEY_TYPES = {"mbe_layers": (str, list, tuple), "eval_data_dirs": (str, list, tup
 
 # the range of every key that is not a bool (a bool's type is its range)
 CHOICES = {"gapt_mode": ("off", "gapt", "always", "random"), "optimizer": ("adamw", "muon"),
-           "gapt_version": ("paper_era", "algorithm1", "later", "project"),
-           "dtype": ("auto", "float32", "bfloat16", "float16")}
+           "dtype": ("auto", "float32", "bfloat16", "float16")}  # gapt_version: a name of gapt_versions.VERSIONS
 POSITIVE = ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
             "eval_interval", "log_interval", "eval_iters", "gapt_tau", "gapt_patience_memorize",
             "gapt_patience_compress", "mbe_alpha", "ddp_timeout")
@@ -66,7 +66,7 @@ def load_config(args, defaults, doc=""):
         else:
             for key, value in read_config_file(arg).items():
                 config[key] = checked(defaults, key, value, arg)
-    validate(config)
+    validate(config, defaults)
     return SimpleNamespace(**config)
 
 
@@ -121,7 +121,7 @@ def checked(defaults, key, value, source):
     return value
 
 
-def validate(c):
+def validate(c, defaults):
     """Ranges and the relations between keys. The regularised layers are checked against the model's depth by
     train.py, once the depth of a resumed or pretrained model is known."""
     if c["init_from"] not in ("scratch", "resume", *PRETRAINED) and not os.path.isdir(c["init_from"]):
@@ -139,31 +139,7 @@ def validate(c):
     if c["mbe_patch_size"] and c["block_size"] % c["mbe_patch_size"]:
         raise ConfigError(f"block_size {c['block_size']} is not divisible by mbe_patch_size {c['mbe_patch_size']}; "
                           f"pick a patch size that divides it (or 0 for the whole sequence)")
-    layers = c["mbe_layers"]
-    if isinstance(layers, str) and layers not in ("auto", "rotate"):
-        raise ConfigError(f"mbe_layers must be 'auto', 'rotate' or a list of layer indices, got {layers!r}")
-    if not isinstance(layers, str) and (not layers or not all(type(i) is int for i in layers)):
-        raise ConfigError(f"mbe_layers must name at least one layer index, got {list(layers)!r}")
-    if c["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
-                          f"{torch.__version__}): upgrade torch (pip install -r requirements.txt) or pass "
-                          f"--optimizer=adamw")
-    names = [os.path.basename(os.path.normpath(d)) for d in c["eval_data_dirs"]]
-    if len(set(names)) < len(names) or set(names) & {"train", "val", "test"}:
-        raise ConfigError(f"eval_data_dirs: their folder names ({', '.join(names)}) name their metrics (NAME_ce), "
-                          f"so they must differ from each other and from train, val and test; rename or link them")
-    if c["gapt_version"] != "project":
-        project_options = {"gapt_ema": c["gapt_ema"] != 0, "mbe_floor": c["mbe_floor"] != 0,
-                           "gapt_delta_mbe_abs": c["gapt_delta_mbe_abs"] != 0,
-                           "mbe_layers": c["mbe_layers"] == "rotate"}
-        for key in (k for k, used in project_options.items() if used):
-            raise ConfigError(f"config key {key!r}={c[key]!r} is an option of gapt_version='project' (this project's "
-                              f"earlier rules), not of {c['gapt_version']!r}: add --gapt_version=project, or leave "
-                              f"{key} out")
-    if c["gapt_version"] == "paper_era" and c["gapt_mode"] != "off" and c["gradient_accumulation_steps"] < 2:
-        raise ConfigError("gapt_version='paper_era' compresses on odd micro-batches of a step, so with "
-                          "gradient_accumulation_steps=1 it never compresses: give it 2 or more (the author ran 4-8; "
-                          "divide batch_size to keep the tokens per step), or choose another gapt_version")
+    check_gapt_version(c, defaults)
     for key in ("out_dir", "data_dir", "device"):
         if not c[key].strip():
             raise ConfigError(f"config key {key!r} is empty; give it a value (python train.py --help lists the "
@@ -172,3 +148,32 @@ def validate(c):
         raise ConfigError(f"config key 'min_lr' ({c['min_lr']}) must not exceed learning_rate ({c['learning_rate']})")
     if c["n_embd"] % c["n_head"]:
         raise ConfigError(f"config key 'n_embd' ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
+
+
+def check_gapt_version(c, defaults):
+    """The GAPT version's own rules, all from its class (gapt_versions.py): its name, its words for mbe_layers, the
+    keys only other versions read (refused when set away from their default: they would silently do nothing), its
+    own checks; gapt_random_share only means something under gapt_mode="random"."""
+    version = VERSIONS.get(c["gapt_version"])
+    if version is None:
+        raise ConfigError(f"config key 'gapt_version' must be one of {tuple(VERSIONS)}, got {c['gapt_version']!r}")
+    layers = c["mbe_layers"]
+    if isinstance(layers, str) and layers not in version.layer_words:
+        takers = [name for name, v in VERSIONS.items() if layers in v.layer_words]
+        raise ConfigError(f"mbe_layers={layers!r} is an option of gapt_version {' / '.join(map(repr, takers))}, not "
+                          f"of {version.name!r}; give {' or '.join(map(repr, version.layer_words))} or a list of "
+                          f"layer indices" if takers else f"mbe_layers must be 'auto' or a list of layer indices, "
+                          f"got {layers!r}")
+    if not isinstance(layers, str) and (not layers or not all(type(i) is int for i in layers)):
+        raise ConfigError(f"mbe_layers must name at least one layer index, got {list(layers)!r}")
+    for key in sorted({k for v in VERSIONS.values() for k in v.own_keys} - set(version.own_keys)):
+        if c[key] != defaults[key]:
+            readers = [name for name, v in VERSIONS.items() if key in v.own_keys]
+            raise ConfigError(f"config key {key!r}={c[key]!r} is read by gapt_version {' / '.join(map(repr, readers))}"
+                              f" only, not by {version.name!r}, where it would do nothing: add --gapt_version="
+                              f"{readers[0]}, or leave {key} out")
+    if c["gapt_mode"] != "random" and c["gapt_random_share"] != defaults["gapt_random_share"]:
+        raise ConfigError(f"config key 'gapt_random_share' is read only with gapt_mode='random' (this run has "
+                          f"gapt_mode={c['gapt_mode']!r}, where it would do nothing): add --gapt_mode=random, or leave "
+                          f"it out")
+    version.check(c)

@@ -1,29 +1,56 @@
 """
-The GAPT gates other than the default. train.py holds the default, the rules of the author's training code of the
-paper's time (`gapt_version="paper_era"`); this file holds the author's two other versions and this project's own
-earlier rules, each selectable by `gapt_version` (or a preset: config/gapt_<version>.py). docs/gapt_versions.md says
-where each rule was read in the author's code and where this code departs from it.
+The GAPT versions behind one face. train.py holds the default, the rules of the author's training code of the paper's
+time (`GAPT`, gapt_version="paper_era"); this file holds the author's two other versions and this project's own
+earlier rules, and what every version shares: the registry, the switch reasons, the state round trip.
+docs/gapt_versions.md says where each rule was read in the author's code and where this code departs from it.
 
     algorithm1  fangyuan-ksgk/minimind src/sorl.py, GatedPhaseTransition (the paper's Algorithm 1 notation)
     later       fangyuan-ksgk/mod_gpt src/gapt.py + train_iblm.py + run_iblm.sh (the author's later code)
     project     this project's rules until 2026-12-01 (every result in docs/ measured before that date)
 
-Every gate has the same face: `phase` (1 memorization, 2 compression), `switches`, `last_switch` (after a step that
-switched: why, one of SWITCH_REASONS, and the values the rule compared), state_dict / load_state_dict, and
-step(ce, mbe) -> the phase for what follows. What a step is fed, and when, is each version's `feeds` (train.py).
+The face: the training loop asks the version and never names one. A version is a class decorated with @register:
+    name, description          its gapt_version value and the words the run's first line says of it
+    own_keys                   the config keys it reads that some other version does not (configurator.py refuses
+                               those of other versions, set away from their defaults, with one line)
+    layer_words                the words it takes for mbe_layers besides a list of blocks ("auto"; project: "rotate")
+    auto_layers(n_layer)       its regularised blocks for mbe_layers="auto"
+    check(c)                   its own config rules (a dict of settings; raise ConfigError), or nothing
+    from_config(c, layers)     the gate for config c and the regularised blocks `layers`
+    begin_step(step)           before an optimizer step's micro-batches (step: train.py's Step, what the loop and the
+                               version share for one step: phase, log_step, gated, N, iter_num, measure, ...)
+    depth(step, j)             how many blocks micro-batch j needs: None (all, the head and its CE), or l + 1 for a
+                               micro-batch that backpropagates block l's MBE alone
+    micro_batch(step, j, ce, hidden)  the loss micro-batch j backpropagates (measuring through step.measure what the
+                               gate and the log see); ce is None when depth was not None
+    end_step(step)             after the optimizer step: feed the gate if step.gated; -> [(phase before, switch)]
+    phase, switches, last_switch, step(ce, mbe) -> phase   the state machine; record_switch records a switch
+    state_dict / load_state_dict   every attribute that is not in `settings` (the keyword arguments from the config)
+tests/test_gapt_versions.py runs every registered version through resume, DDP, compile and the switch records.
 """
 
 import math
 
-SWITCH_REASONS = ("ce_plateau", "ce_spike", "mbe_patience")  # why a phase ends; experiment.py's tables use these
-GAPT_VERSIONS = {  # the first line of every run names its version
-    "paper_era": "the author's training code of the paper's time (mod_gpt train_pcgrad.py + RRScheduler)",
-    "algorithm1": "the author's class in the notation of the paper's Algorithm 1 (minimind src/sorl.py)",
-    "later": "the author's later code (mod_gpt src/gapt.py + train_iblm.py + run_iblm.sh)",
-    "project": "this project's own rules until 2026-12-01"}
+import torch
+
+# why a phase ends, and the values every switch record of that reason carries (experiment.py's tables read these)
+SWITCH_REASONS = {"ce_plateau": ("ce", "ce_min", "steps_without_progress"),
+                  "ce_spike": ("ce", "ce_min", "ce_limit"),
+                  "mbe_patience": ("mbe", "mbe_min", "steps_without_progress")}
+VERSIONS = {}  # gapt_version -> its class, filled by @register (train.py registers the paper-era GAPT)
 
 
-def _switch(gate, phase, reason, **values):  # every version: record why, change phase, count
+def register(cls):
+    VERSIONS[cls.name] = cls
+    return cls
+
+
+def record_switch(gate, phase, reason, **values):
+    """Every version switches through here: records why (a reason of SWITCH_REASONS with its values), changes phase,
+    counts. A reason or a value missing is an error here, not a silent hole in experiment.py's tables."""
+    missing = [k for k in SWITCH_REASONS.get(reason, ()) if k not in values]
+    if reason not in SWITCH_REASONS or missing:
+        raise ValueError(f"{type(gate).__name__}: a switch needs a reason of SWITCH_REASONS and its values "
+                         f"{SWITCH_REASONS.get(reason)}; got {reason!r} missing {missing}")
     gate.last_switch = {"reason": reason, **values}
     gate.phase = phase
     gate.switches += 1
@@ -38,20 +65,60 @@ def load_gate_state(gate, state):
         setattr(gate, k, v)
 
 
+def middle_blocks(n_layer):  # every block but the first and the last (all of them when there are fewer than 3)
+    return list(range(1, n_layer - 1)) if n_layer >= 3 else list(range(n_layer))
+
+
+def common_settings(c):  # the keys every version reads
+    return dict(delta=c.gapt_delta, tau=c.gapt_tau, patience_memorize=c.gapt_patience_memorize,
+                patience_compress=c.gapt_patience_compress, mbe_weight=c.mbe_weight)
+
+
+def no_checks(c):
+    pass
+
+
+def measure_for_loss(gate, step, hidden, every_micro_batch=False):
+    """algorithm1, later, project: compression measures the regularised layers with gradients (its loss needs them);
+    a log step in memorization measures every layer without (for the log); every_micro_batch: the regularised ones on
+    every micro-batch (later's gate is fed each one). -> (the layers measured, their MBE or None)."""
+    every = list(range(step.n_layer))
+    layers = every if step.log_step and step.phase == 1 else gate.layers if step.phase == 2 or every_micro_batch \
+        else []
+    return layers, step.measure(hidden, layers, grad=step.phase == 2)
+
+
+def feed_step_means(gate, step, per_layer):
+    """algorithm1, project: after the step, the gate sees the step's mean CE over micro-batches and processes, and in
+    compression the regularised layers' mean MBE (per_layer: the list; else their mean)."""
+    if not step.gated:
+        return []
+    mean_loss, mean_ce, mean_mbe = step.means()
+    step.check_finite(mean_loss)
+    regularised = [mean_mbe[i] for i in gate.layers] if step.phase == 2 else None
+    gate.step(mean_ce, regularised if per_layer or regularised is None else sum(regularised) / len(regularised))
+    return [(step.phase, gate.last_switch)] if gate.last_switch else []
+
+
+@register
 class Algorithm1Gate:
     """minimind's GatedPhaseTransition.step(ssl_loss, abs_loss), with the mean MBE of the regularised layers as the
-    auxiliary loss (minimind gates another auxiliary loss; the MBE analogue is this project's choice). Fed once per
-    optimizer step with the step's mean CE and mean MBE (feeds = "step").
+    auxiliary loss (minimind gates another auxiliary loss; the MBE analogue is this project's choice). Compression
+    backpropagates CE + w · mean MBE; the gate is fed once per optimizer step, after it, with the step's mean CE and
+    mean MBE over micro-batches and processes.
 
     Absolute δ for CE and MBE alike; E_min updated on every step, before the spike test; entering compression resets
     E_min and the MBE minimum to +inf; the MBE minimum is updated in compression only, not on a spike step."""
-    settings = ("delta", "tau", "patience_memorize", "patience_compress")
-    feeds = "step"
-    _enter, state_dict, load_state_dict = _switch, gate_state_dict, load_gate_state
+    name, description = "algorithm1", "the author's class in the notation of the paper's Algorithm 1 (minimind src/sorl.py)"
+    own_keys, layer_words = (), ("auto",)
+    settings = ("delta", "tau", "patience_memorize", "patience_compress", "mbe_weight", "layers")
+    _enter, state_dict, load_state_dict = record_switch, gate_state_dict, load_gate_state
+    check = staticmethod(no_checks)
 
-    def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=10, patience_compress=10):
+    def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=10, patience_compress=10, mbe_weight=1.0, layers=()):
         self.delta, self.tau, self.patience_memorize, self.patience_compress = delta, tau, patience_memorize, \
             patience_compress
+        self.mbe_weight, self.layers = mbe_weight, list(layers)
         self.phase, self.s_m, self.s_c, self.switches, self.last_switch = 1, 0, 0, 0, None
         self.ce_min, self.mbe_min = math.inf, math.inf
 
@@ -76,20 +143,50 @@ class Algorithm1Gate:
                 self.s_m = 0
         return self.phase
 
+    @staticmethod
+    def auto_layers(n_layer):  # as paper_era: the author's start_layer=2, end_layer=n_layer-2
+        return list(range(2, n_layer - 2)) if n_layer >= 5 else middle_blocks(n_layer)
 
+    @classmethod
+    def from_config(cls, c, layers):
+        return cls(**common_settings(c), layers=layers)
+
+    def begin_step(self, step):
+        pass
+
+    def depth(self, step, j):
+        return None
+
+    def micro_batch(self, step, j, ce, hidden):
+        layers, mbe = measure_for_loss(self, step, hidden)
+        return ce + self.mbe_weight * mbe.mean() if step.phase == 2 else ce
+
+    def end_step(self, step):
+        return feed_step_means(self, step, per_layer=False)
+
+
+@register
 class LaterGate:
-    """mod_gpt src/gapt.py GatedPhaseTransition as train_iblm.py drives it: fed once per micro-batch (feeds =
-    "micro") with that micro-batch's CE and its compression term w · mean MBE of the regularised layers.
+    """mod_gpt src/gapt.py GatedPhaseTransition as train_iblm.py drives it: compression backpropagates
+    CE + max(w · mean MBE, 1e-5) (src/gapt.py's clamp); the gate is fed once per micro-batch, in order over all
+    processes, after the optimizer step, with that micro-batch's CE and its term w · mean MBE of the regularised
+    layers; a step's micro-batches all use the phase the step began with. A call whose CE or MBE is not finite
+    changes nothing (src/gapt.py's step() returns before its rules).
 
     Relative gains (min − x) / max(|min|, 1e-6), 0 while min is +inf (so the first call is no progress); both
     minima global, updated on every call in both phases, never reset; a CE above the minimum before this call
     times (1 + τ) ends compression; each counter counts in its own phase and restarts at the switch it causes."""
-    settings = ("delta", "delta_mbe", "tau", "patience_memorize", "patience_compress")
-    feeds = "micro"
-    _enter, state_dict, load_state_dict = _switch, gate_state_dict, load_gate_state
+    name, description = "later", "the author's later code (mod_gpt src/gapt.py + train_iblm.py + run_iblm.sh)"
+    own_keys, layer_words = ("gapt_delta_mbe",), ("auto",)
+    settings = ("delta", "delta_mbe", "tau", "patience_memorize", "patience_compress", "mbe_weight", "layers")
+    _enter, state_dict, load_state_dict = record_switch, gate_state_dict, load_gate_state
+    check = staticmethod(no_checks)
+    auto_layers = staticmethod(middle_blocks)  # run_iblm.sh's --mbe_schedule all_middle
 
-    def __init__(self, *, delta=0.01, delta_mbe=0.01, tau=0.1, patience_memorize=125, patience_compress=75):
+    def __init__(self, *, delta=0.01, delta_mbe=0.01, tau=0.1, patience_memorize=125, patience_compress=75,
+                 mbe_weight=20.0, layers=()):
         self.delta, self.delta_mbe, self.tau = delta, delta_mbe, tau
+        self.mbe_weight, self.layers = mbe_weight, list(layers)
         self.patience_memorize, self.patience_compress = patience_memorize, patience_compress
         self.phase, self.s_m, self.s_c, self.switches, self.last_switch = 1, 0, 0, 0, None
         self.ce_min, self.mbe_min = math.inf, math.inf
@@ -100,6 +197,8 @@ class LaterGate:
 
     def step(self, ce, mbe):
         self.last_switch = None
+        if not (math.isfinite(ce) and math.isfinite(mbe)):
+            return self.phase
         gain_ce, gain_mbe = self._gain(ce, self.ce_min), self._gain(mbe, self.mbe_min)
         ce_min_before = self.ce_min
         self.ce_min, self.mbe_min = min(self.ce_min, ce), min(self.mbe_min, mbe)
@@ -118,7 +217,35 @@ class LaterGate:
                 self.s_c = 0
         return self.phase
 
+    @classmethod
+    def from_config(cls, c, layers):
+        return cls(**common_settings(c), delta_mbe=c.gapt_delta_mbe, layers=layers)
 
+    def begin_step(self, step):
+        pass
+
+    def depth(self, step, j):
+        return None
+
+    def micro_batch(self, step, j, ce, hidden):
+        layers, mbe = measure_for_loss(self, step, hidden, every_micro_batch=True)
+        picked = mbe.detach().float()[[layers.index(i) for i in self.layers]]
+        step.signal[j] = torch.stack([ce.detach().float(), self.mbe_weight * picked.mean()])
+        return ce + (self.mbe_weight * mbe.mean()).clamp_min(1e-5) if step.phase == 2 else ce
+
+    def end_step(self, step):
+        if not step.gated:
+            return []
+        switches = []
+        for ce, mbe in step.sum_over_processes(step.signal).tolist():  # micro-batch j of the step, in order
+            step.check_finite(ce)
+            before = self.phase
+            if self.step(ce, mbe) != before:
+                switches.append((before, self.last_switch))
+        return switches
+
+
+@register
 class ProjectGate:
     """This project's rules until 2026-12-01, fed once per optimizer step with the step's mean CE and per-layer MBE
     (feeds = "step"; the MBE is ignored in phase 1). "x improved on best" means best is +inf or
@@ -129,14 +256,22 @@ class ProjectGate:
 
     ema > 0: the rules see exponential moving averages (weight 1 − ema on the new value) of CE and of each layer's
     MBE instead of the raw step values, so that batch noise in a small step's CE can neither fake progress nor a
-    spike. The MBE average restarts with each compression phase."""
-    settings = ("delta", "tau", "patience_memorize", "patience_compress", "delta_mbe_abs", "ema")
-    feeds = "step"
+    spike. The MBE average restarts with each compression phase.
+
+    Compression backpropagates CE + w · mean over the regularised layers of relu(MBE − mbe_floor), or with
+    mbe_layers="rotate" only one layer's, cycling with the step."""
+    name, description = "project", "this project's own rules until 2026-12-01"
+    own_keys = ("gapt_ema", "mbe_floor", "gapt_delta_mbe_abs")
+    settings = ("delta", "tau", "patience_memorize", "patience_compress", "delta_mbe_abs", "ema", "mbe_weight",
+                "mbe_floor", "rotate", "layers")
+    layer_words = ("auto", "rotate")  # mbe_layers="rotate": one regularised layer per step, cycling
     state_dict, load_state_dict = gate_state_dict, load_gate_state
+    check, auto_layers = staticmethod(no_checks), staticmethod(middle_blocks)
 
     def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=125, patience_compress=75, delta_mbe_abs=0.0,
-                 ema=0.0):
+                 ema=0.0, mbe_weight=0.1, mbe_floor=0.0, rotate=False, layers=()):
         self.delta, self.tau, self.delta_mbe_abs, self.ema = delta, tau, delta_mbe_abs, ema
+        self.mbe_weight, self.mbe_floor, self.rotate, self.layers = mbe_weight, mbe_floor, rotate, list(layers)
         self.patience_memorize, self.patience_compress = patience_memorize, patience_compress
         self.phase = 1
         self.ce_min = math.inf
@@ -156,7 +291,7 @@ class ProjectGate:
         return x < best - absolute if absolute > 0 else x < best * (1 - self.delta)
 
     def _enter(self, phase, reason, **values):
-        _switch(self, phase, reason, **values)
+        record_switch(self, phase, reason, **values)
         if phase == 1:
             self.s_m = 0
         else:
@@ -189,3 +324,24 @@ class ProjectGate:
                 self._enter(1, "mbe_patience", mbe=mbe, mbe_min=self.mbe_min, steps_without_progress=self.s_c,
                             ce=ce, ce_min=self.ce_min)
         return self.phase
+
+    @classmethod
+    def from_config(cls, c, layers):
+        return cls(**common_settings(c), delta_mbe_abs=c.gapt_delta_mbe_abs, ema=c.gapt_ema, mbe_floor=c.mbe_floor,
+                   rotate=c.mbe_layers == "rotate", layers=layers)
+
+    def begin_step(self, step):
+        pass
+
+    def depth(self, step, j):
+        return None
+
+    def micro_batch(self, step, j, ce, hidden):
+        layers, mbe = measure_for_loss(self, step, hidden)
+        if step.phase == 1:
+            return ce
+        penalty = (mbe - self.mbe_floor).clamp_min(0)
+        return ce + self.mbe_weight * (penalty[step.iter_num % len(penalty)] if self.rotate else penalty.mean())
+
+    def end_step(self, step):
+        return feed_step_means(self, step, per_layer=True)

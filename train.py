@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from alignment import gradient_alignment
 from checkpoint import MODEL_KEYS, clear_run, finite_json, open_run, restore, rng_states, save_checkpoint
 from configurator import ConfigError, explicit_keys, load_config as parse_config
-from gapt_versions import GAPT_VERSIONS, Algorithm1Gate, LaterGate, ProjectGate, gate_state_dict, load_gate_state
+from gapt_versions import (VERSIONS, common_settings, gate_state_dict, load_gate_state, middle_blocks, record_switch,
+                           register)
 from hub import load_pretrained_state
 from mbe import compiled_patched_mbe, patched_mbe
 from model import GPT, GPTConfig
@@ -109,33 +110,42 @@ def load_config(args):
 
 
 # -----------------------------------------------------------------------------
-# GAPT as the author's training code of the paper's time ran it (gapt_version="paper_era"; the other versions:
-# gapt_versions.py; where each rule was read: docs/gapt_versions.md)
+# GAPT as the author's training code of the paper's time ran it (gapt_version="paper_era"). The other versions, and
+# the face every version shows the loop: gapt_versions.py; where each rule was read: docs/gapt_versions.md
 
+@register
 class GAPT:
     """RRScheduler (fangyuan-ksgk/mod_gpt src/utils.py) as train_pcgrad.py --switch_phase drives it. Memorization
     (phase 1) backpropagates CE; in compression (phase 2) each micro-batch backpropagates either CE alone or one
-    regularised layer's MBE alone, by a counter over the step's micro-batches (compressed_layer).
+    regularised layer's MBE alone (times mbe_weight), by a counter over the step's micro-batches (compressed_layer).
 
     step(ce, mbe) runs once per optimizer step, on the step's last micro-batch before its backward, with that
     micro-batch's CE and the MBE of every layer. It advances the counter (which wraps at micro_batches; at each wrap
     the compressed layer moves on to the next regularised one), then:
     - updates the best CE and each layer's MBE minimum, and counts both counters, on every step in both phases:
       s_m restarts when the best CE minus CE exceeds delta, s_c when some layer's MBE is more than delta_mbe below
-      its own minimum (absolute; a best of +inf is no progress);
+      its own minimum (absolute; a best of +inf is no progress; a non-finite MBE leaves its minimum as it was, as the
+      author's min(best, mbe) does);
     - phase 2 -> 1 when CE >= (1 + tau) * the best CE, tested before it is updated (ce_spike: the best restarted
       when compression began), or when s_c reaches patience_compress (mbe_patience); s_m and the MBE minima restart;
     - phase 1 -> 2 when s_m reaches patience_memorize (ce_plateau); s_c and the best CE restart.
     count_mbe_progress=False: the later copies of RRScheduler, which train_pcgrad.py's arguments select, never count
     MBE progress, so a compression phase lasts patience_compress steps unless CE spikes."""
+    name, description = "paper_era", "the author's training code of the paper's time (mod_gpt train_pcgrad.py + " \
+                                     "RRScheduler)"
+    own_keys, layer_words = ("gapt_delta_mbe", "gapt_count_mbe_progress"), ("auto",)
+    settings = ("micro_batches", "n_regularised", "count_mbe_progress", "delta", "delta_mbe", "tau",
+                "patience_memorize", "patience_compress", "mbe_weight", "layers")  # from the config; the rest: state
+    state_dict, load_state_dict = gate_state_dict, load_gate_state
 
     def __init__(self, *, micro_batches, n_regularised, delta=0.01, delta_mbe=0.002, tau=0.1, patience_memorize=125,
-                 patience_compress=125, count_mbe_progress=True):
+                 patience_compress=125, count_mbe_progress=True, mbe_weight=1.0, layers=()):
         self.micro_batches, self.n_regularised, self.count_mbe_progress = micro_batches, n_regularised, \
             count_mbe_progress
         self.delta, self.delta_mbe, self.tau = delta, delta_mbe, tau
         self.patience_memorize, self.patience_compress = patience_memorize, patience_compress
-        # the state: everything below (every attribute that is not a keyword argument) is saved by state_dict
+        self.mbe_weight, self.layers = mbe_weight, list(layers)
+        # the state: everything below (every attribute that is not a setting) is saved by state_dict
         self.phase = 1
         self.ce_min = math.inf  # the best CE since compression last began
         self.mbe_min = None  # per-layer MBE minima since memorization last began (+inf after a reset)
@@ -164,37 +174,62 @@ class GAPT:
         self.mbe_min = self.mbe_min or [math.inf] * len(mbe)
         mbe_gain = max([0.0] + [best - m for m, best in zip(mbe, self.mbe_min)]) if self.count_mbe_progress else 0.0
         if self.count_mbe_progress:
-            self.mbe_min = [min(m, best) for m, best in zip(mbe, self.mbe_min)]
+            self.mbe_min = [min(best, m) for m, best in zip(mbe, self.mbe_min)]
         self.s_m = 0 if self.delta < ce_gain < math.inf else self.s_m + 1
         self.s_c = 0 if self.delta_mbe < mbe_gain < math.inf else self.s_c + 1
         if self.phase == 2 and (spike or self.s_c >= self.patience_compress):
-            self.last_switch = {"reason": "ce_spike" if spike else "mbe_patience", "ce": ce, "ce_min": ce_min_before,
-                                "ce_limit": ce_min_before * (1 + self.tau), "mbe": mbe, "mbe_min": self.mbe_min,
-                                "steps_without_progress": self.s_c}
-            self.phase, self.s_m, self.mbe_min = 1, 0, None
+            record_switch(self, 1, "ce_spike" if spike else "mbe_patience", ce=ce, ce_min=ce_min_before,
+                          ce_limit=ce_min_before * (1 + self.tau), mbe=mbe, mbe_min=self.mbe_min,
+                          steps_without_progress=self.s_c)
+            self.s_m, self.mbe_min = 0, None
         elif self.phase == 1 and self.s_m >= self.patience_memorize:
-            self.last_switch = {"reason": "ce_plateau", "ce": ce, "ce_min": self.ce_min,
-                                "steps_without_progress": self.s_m}
-            self.phase, self.s_c, self.ce_min = 2, 0, math.inf
-        self.switches += self.last_switch is not None
+            record_switch(self, 2, "ce_plateau", ce=ce, ce_min=self.ce_min, steps_without_progress=self.s_m)
+            self.s_c, self.ce_min = 0, math.inf
         return self.phase
 
-    settings = ("micro_batches", "n_regularised", "count_mbe_progress", "delta", "delta_mbe", "tau",
-                "patience_memorize", "patience_compress")  # from the config; every other attribute is the state
-    state_dict, load_state_dict = gate_state_dict, load_gate_state
+    # the face the loop sees (gapt_versions.py) ------------------------------------------------------------------
+    @staticmethod
+    def auto_layers(n_layer):  # blocks 2 ... L-3: the author's start_layer=2, end_layer=n_layer-2
+        return list(range(2, n_layer - 2)) if n_layer >= 5 else middle_blocks(n_layer)
 
-def make_gate(c, n_regularised):
-    """The gate of c.gapt_version, from the config's GAPT keys (README's table says which version reads which)."""
-    common = dict(delta=c.gapt_delta, tau=c.gapt_tau, patience_memorize=c.gapt_patience_memorize,
-                  patience_compress=c.gapt_patience_compress)
-    if c.gapt_version == "paper_era":
-        return GAPT(micro_batches=c.gradient_accumulation_steps, n_regularised=n_regularised,
-                    delta_mbe=c.gapt_delta_mbe, count_mbe_progress=c.gapt_count_mbe_progress, **common)
-    if c.gapt_version == "algorithm1":
-        return Algorithm1Gate(**common)
-    if c.gapt_version == "later":
-        return LaterGate(delta_mbe=c.gapt_delta_mbe, **common)
-    return ProjectGate(delta_mbe_abs=c.gapt_delta_mbe_abs, ema=c.gapt_ema, **common)
+    @staticmethod
+    def check(c):
+        if c["gapt_mode"] != "off" and c["gradient_accumulation_steps"] < 2:
+            raise ConfigError("gapt_version='paper_era' compresses on odd micro-batches of a step, so with "
+                              "gradient_accumulation_steps=1 it never compresses: give it 2 or more (the author ran "
+                              "4-8; divide batch_size to keep the tokens per step), or choose another gapt_version")
+
+    @classmethod
+    def from_config(cls, c, layers):
+        return cls(**common_settings(c), micro_batches=c.gradient_accumulation_steps, n_regularised=len(layers),
+                   delta_mbe=c.gapt_delta_mbe, count_mbe_progress=c.gapt_count_mbe_progress, layers=layers)
+
+    def begin_step(self, step):  # micro-batches 0 ... N-2 use the counter as the step begins
+        step.layer_before = self.compressed_layer(step.phase)
+
+    def depth(self, step, j):
+        return None
+
+    def micro_batch(self, step, j, ce, hidden):
+        """The step's last micro-batch shows the gate its CE and every layer's MBE (without gradients); the gate steps
+        (or, when not gated, only its counter advances) on each process's last micro-batch, before its backward: the
+        signal, which one process holds, summed over all. Then CE alone, or one layer's MBE alone."""
+        last = j == step.N - 1
+        step.measure(hidden, list(range(step.n_layer)) if last and (step.gated or step.log_step) else [], grad=False)
+        if step.last_here(j) and step.gated:
+            signal = step.sum_over_processes(torch.cat([ce.detach().float().view(1), step.mbe_sum]) * last)
+            step.check_finite(signal[0].item())
+            self.step(signal[0].item(), signal[1:].tolist())
+        elif step.last_here(j):
+            self.advance()
+        layer = step.layer_before if not last else self.compressed_layer(self.phase if step.gated else step.phase)
+        if layer is None:
+            return ce
+        return step.with_every_parameter(self.mbe_weight * step.measure(hidden, [self.layers[layer]], grad=True,
+                                                                        count=False).sum())
+
+    def end_step(self, step):  # the gate stepped within the step
+        return [(step.phase, self.last_switch)] if step.gated and self.last_switch else []
 
 
 def phase_of_step(c, gapt, iter_num):
@@ -207,18 +242,11 @@ def phase_of_step(c, gapt, iter_num):
     return 2 if c.gapt_mode == "always" else 1
 
 
-# -----------------------------------------------------------------------------
-# The compression loss of each version, over the regularised layers
-
 def regularised_layers(mbe_layers, n_layer, version):
-    """The blocks whose residual stream compression sees, as a sorted list of indices. "auto": blocks 2 ... L-3 for
-    paper_era and algorithm1 (the author's start_layer=2, end_layer=n_layer-2), or blocks 1 ... L-2 where that is
-    empty (fewer than 5 blocks); every block but the first and last for later and project ("rotate" too); all blocks
-    when there are fewer than 3."""
+    """The blocks whose residual stream compression sees, as a sorted list of indices: a word ("auto", "rotate")
+    gives the version's own (auto_layers), a list is checked against the model's depth."""
     if isinstance(mbe_layers, str):
-        if version in ("paper_era", "algorithm1") and n_layer >= 5:
-            return list(range(2, n_layer - 2))
-        return list(range(1, n_layer - 1)) if n_layer >= 3 else list(range(n_layer))
+        return VERSIONS[version].auto_layers(n_layer)
     if not all(0 <= i < n_layer for i in mbe_layers):
         raise ConfigError(f"mbe_layers {list(mbe_layers)} must be indices in [0, n_layer={n_layer})")
     return sorted(set(mbe_layers))
@@ -232,27 +260,60 @@ def layers_mbe(hidden, layers, c):
     return (compiled_patched_mbe() if c.compile else patched_mbe)(picked, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
 
 
-def compression_loss(ce, layer_mbe, c, step):
-    """A compressing micro-batch's loss from its CE and the MBE of the regularised layers (layer_mbe, from
-    layers_mbe; paper_era: of the one layer it compresses): paper_era w · MBE alone; algorithm1 CE + w · mean MBE;
-    later CE + max(w · mean MBE, 1e-5) (src/gapt.py's clamp); project CE + w · mean relu(MBE − mbe_floor), or with
-    mbe_layers="rotate" only one layer's, cycling with the step. w is mbe_weight."""
-    if c.gapt_version == "paper_era":
-        return c.mbe_weight * layer_mbe.sum()
-    if c.gapt_version == "algorithm1":
-        return ce + c.mbe_weight * layer_mbe.mean()
-    if c.gapt_version == "later":
-        return ce + (c.mbe_weight * layer_mbe.mean()).clamp_min(1e-5)
-    penalty = (layer_mbe - c.mbe_floor).clamp_min(0)
-    penalty = penalty[step % len(penalty)] if c.mbe_layers == "rotate" else penalty.mean()
-    return ce + c.mbe_weight * penalty
+class Step:
+    """One optimizer step as the loop and the GAPT version share it: the phase it trains in, whether it logs, whether
+    the gate is fed (gapt_mode="gapt"), and what its micro-batches measured: loss and CE (each this process's mean
+    over its micro-steps), every layer's MBE summed over the micro-batches that measured it, and each micro-batch's
+    (CE, compression term) for a gate fed per micro-batch. A version may keep what one step needs on it."""
+
+    def __init__(self, c, phase, log_step, iter_num, rank, world, check_finite, ddp_model=None):
+        self.c, self.phase, self.log_step, self.iter_num, self.world = c, phase, log_step, iter_num, world
+        self.ddp_model = ddp_model
+        self.gated, self.n_layer, self.check_finite = c.gapt_mode == "gapt", c.n_layer, check_finite
+        self.N = c.gradient_accumulation_steps  # micro-batches over all processes; j = rank * micro_steps + micro
+        self.micro_steps, self.rank = self.N // world, rank
+        self.loss = torch.zeros(2, device=c.device)
+        self.mbe_sum, self.mbe_count = torch.zeros(2, c.n_layer, device=c.device)
+        self.signal = torch.zeros(self.N, 2, device=c.device)
+
+    def last_here(self, j):  # this process's last micro-batch of the step
+        return j == (self.rank + 1) * self.micro_steps - 1
+
+    def measure(self, hidden, layers, grad, count=True):
+        """The MBE of these layers of one micro-batch (None if none), with or without gradients; counted for the log
+        and the gates fed by means unless count=False."""
+        if not layers:
+            return None
+        with torch.set_grad_enabled(grad):
+            mbe = layers_mbe(hidden, layers, self.c)
+        if count:
+            self.mbe_sum[layers] += mbe.detach().float()
+            self.mbe_count[layers] += 1
+        return mbe
+
+    def with_every_parameter(self, loss):
+        """A loss that leaves parameters out of its graph (one block's MBE alone: the blocks above, the head), made
+        fit for DDP, whose gradient reduction expects every parameter in the graph: every one joins at weight 0."""
+        if self.ddp_model is None:
+            return loss
+        return loss + 0.0 * sum(p.sum() for p in self.ddp_model.parameters())
+
+    def sum_over_processes(self, t):
+        for _ in (0,) if self.world > 1 else ():
+            dist.all_reduce(t)
+        return t
+
+    def means(self):  # over all processes: mean loss, mean CE, each layer's mean MBE (None where none measured it)
+        return step_means(self.loss, self.mbe_sum, self.mbe_count, self.world)
 
 
-def one_layer_loss(hidden, layer, c, ddp_model=None):
-    """paper_era's compressing micro-batch: w · MBE of one block's residual stream, alone. Under DDP every parameter
-    joins the graph at weight 0, as its gradient reduction expects (the blocks above, the head: gradient 0)."""
-    loss = compression_loss(None, layers_mbe(hidden, [layer], c), c, None)
-    return loss if ddp_model is None else loss + 0.0 * sum(p.sum() for p in ddp_model.parameters())
+def micro_batch_loss(model, gapt, step, j, x, y):
+    """Micro-batch j of the step as its GAPT version asks: the forward pass it needs, then the loss it
+    backpropagates (the version measures the MBE it needs on the way); its loss and CE added to the step's."""
+    _, ce, hidden = model(x, y, return_hidden=True)
+    loss = gapt.micro_batch(step, j, ce, hidden)
+    step.loss += torch.stack([loss.detach(), ce.detach()]).float() / step.micro_steps
+    return loss
 
 
 def get_lr(it, c):
@@ -271,31 +332,6 @@ def get_lr(it, c):
 
 
 # -----------------------------------------------------------------------------
-# The gates' feed after a step
-
-def feed_gate(gapt, c, phase, step_loss, mbe_sum, mbe_count, micro_signal, mbe_layers, world, check_finite):
-    """After an optimizer step, the gates fed by the step's means over micro-batches and processes (algorithm1,
-    project) or by each micro-batch in turn (later: micro_signal) step; paper_era's stepped within the step.
-    Returns [(phase before, the switch)] for every switch, so that the log has each."""
-    if isinstance(gapt, GAPT):
-        steps = [(phase, gapt.last_switch)]
-    elif isinstance(gapt, LaterGate):
-        steps = []
-        for ce, mbe in all_reduce_mean(micro_signal, world).mul_(world).tolist():
-            check_finite(ce)
-            before = gapt.phase
-            steps.append((before, gapt.step(ce, mbe) and gapt.last_switch))
-    else:
-        mean_loss, mean_ce, mean_mbe = step_means(step_loss, mbe_sum, mbe_count, world)
-        check_finite(mean_loss)
-        regularised = [mean_mbe[i] for i in mbe_layers] if phase == 2 else None
-        gapt.step(mean_ce, regularised if isinstance(gapt, ProjectGate) or regularised is None else
-                  sum(regularised) / len(regularised))
-        steps = [(phase, gapt.last_switch)]
-    return [(before, switch) for before, switch in steps if switch is not None]
-
-
-# -----------------------------------------------------------------------------
 
 def main(c):  # setup_processes, setup_compute, open_run and load_data complete c: device, dtype, model shape, vocab
     ddp, rank, local_rank, world = setup_processes(c)
@@ -311,9 +347,8 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
     checkpoint, pretrained_dir = open_run(c, DEFAULTS, explicit_keys(sys.argv[1:]))
     if master:  # (a resume has named what this command changes first)
         print(f"gapt_mode={c.gapt_mode}: " + ("CE only" if c.gapt_mode == "off" else
-                                             f"gapt_version={c.gapt_version}, {GAPT_VERSIONS[c.gapt_version]}"))
+                                             f"gapt_version={c.gapt_version}, {VERSIONS[c.gapt_version].description}"))
     mbe_layers = regularised_layers(c.mbe_layers, c.n_layer, c.gapt_version)  # now that the model's depth is known
-    every_layer, paper_era, later = list(range(c.n_layer)), c.gapt_version == "paper_era", c.gapt_version == "later"
 
     train_data, eval_splits, task_eval = load_data(c)
     data_rng = torch.Generator().manual_seed(c.seed)  # the same on every rank: each takes its slice of the batch
@@ -328,7 +363,7 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
     optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
                                             muon=c.optimizer == "muon")
     scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
-    gapt = make_gate(c, len(mbe_layers))
+    gapt = VERSIONS[c.gapt_version].from_config(c, mbe_layers)  # the version's gate: the loop asks it
     iter_num, best_val_loss, compress_steps, interval = 0, math.inf, 0, [0.0, 0.0, 0]
     if checkpoint is not None and not c.eval_only:
         iter_num, best_val_loss = restore(checkpoint, optimizers, scaler, gapt, data_rng, rank, world, device_type)
@@ -419,58 +454,27 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
                 record = gradient_alignment(raw_model, x, y, lambda h: layers_mbe(h, mbe_layers, c).mean())
             log({"kind": "align", **record})
             last_align = record["align_cos"]
-        step_loss = torch.zeros(2, device=c.device)  # loss and CE, mean over micro-steps
-        mbe_sum, mbe_count = torch.zeros(2, c.n_layer, device=c.device)  # per-layer MBE over the micro-batches measured
-        micro_signal = torch.zeros(N, 2, device=c.device)  # later: each micro-batch's CE and w·mean MBE, for the gate
-        layer_before = gapt.compressed_layer(phase) if paper_era else None  # the counter before the gate steps
+        step = Step(c, phase, log_step, iter_num, rank, world, stop_if_not_finite, raw_model if ddp else None)
+        gapt.begin_step(step)
         for micro in range(micro_steps):
-            j = rank * micro_steps + micro
+            j = rank * micro_steps + micro  # the micro-batch's place in the step, over all processes
             if ddp:
                 model.require_backward_grad_sync = micro == micro_steps - 1  # what no_sync() does
             with autocast:
-                _, ce, hidden = model(x, y, return_hidden=True)
-            if paper_era:  # the step's last micro-batch shows every layer's MBE to the gate (and to the log)
-                measured = every_layer if j == N - 1 and (c.gapt_mode == "gapt" or log_step) else []
-            else:  # compression measures (with gradients) the regularised layers; the later gate needs them always
-                measured = every_layer if log_step and phase == 1 else mbe_layers if phase == 2 or later else []
-            with torch.set_grad_enabled(phase == 2 and not paper_era):
-                layer_mbe = layers_mbe(hidden, measured, c) if measured else None
-            if measured:
-                mbe_sum[measured] += layer_mbe.detach().float()
-                mbe_count[measured] += 1
-            if paper_era and micro == micro_steps - 1:  # the gate steps here, before this micro-batch's backward
-                if c.gapt_mode == "gapt":  # on the last micro-batch's CE and MBE, which one process holds: sum them
-                    signal = torch.cat([ce.detach().float().view(1), mbe_sum]) * (j == N - 1)
-                    for t in (signal,) if world > 1 else ():
-                        dist.all_reduce(t)
-                    stop_if_not_finite(signal[0].item())
-                    gapt.step(signal[0].item(), signal[1:].tolist())
-                else:
-                    gapt.advance()
-            if paper_era:  # CE alone, or one layer's MBE alone (the last micro-batch after the gate's step)
-                layer = layer_before if j < N - 1 else gapt.compressed_layer(phase_of_step(c, gapt, iter_num))
-                loss = ce if layer is None else one_layer_loss(hidden, mbe_layers[layer], c, raw_model if ddp else None)
-            else:
-                loss = compression_loss(ce, layer_mbe, c, iter_num) if phase == 2 else ce
-            if later:
-                picked = layer_mbe.detach().float()[[measured.index(i) for i in mbe_layers]]
-                micro_signal[j] = torch.stack([ce.detach().float(), c.mbe_weight * picked.mean()])
-            step_loss += torch.stack([loss.detach(), ce.detach()]).float() / micro_steps
+                loss = micro_batch_loss(model, gapt, step, j, x, y)
             if micro + 1 < micro_steps:  # fetch the next micro-batch while this one computes
-                next_positions = my_positions[(micro + 1) * c.batch_size:][:c.batch_size]
-                x, y = to_device(*train_data.windows(next_positions), c.device)
+                x, y = to_device(*train_data.windows(my_positions[(micro + 1) * c.batch_size:][:c.batch_size]),
+                                 c.device)
             scaler.scale(loss / micro_steps).backward()
         step_optimizers(optimizers, scaler, raw_model, c.grad_clip)
-        if c.gapt_mode == "gapt":
-            for from_phase, switch in feed_gate(gapt, c, phase, step_loss, mbe_sum, mbe_count, micro_signal,
-                                                mbe_layers, world, stop_if_not_finite):
-                log({"kind": "switch", "iter": iter_num + 1, "phase": 3 - from_phase, "from_phase": from_phase,
-                     **switch})  # an exact record of every switch, for plots
-        interval_loss += step_loss
+        for from_phase, switch in gapt.end_step(step):  # the gates fed after the step; every switch, for plots
+            log({"kind": "switch", "iter": iter_num + 1, "phase": 3 - from_phase, "from_phase": from_phase, **switch})
+        interval_loss += step.loss
         iter_num, interval_steps = iter_num + 1, interval_steps + 1
 
         if log_step:
-            loss_mean, ce_mean, mbe_now = step_means(interval_loss / interval_steps, mbe_sum, mbe_count, world)
+            loss_mean, ce_mean, mbe_now = step_means(interval_loss / interval_steps, step.mbe_sum,
+                                                     step.mbe_count, world)
             stop_if_not_finite(loss_mean)
             dt = (time.perf_counter() - t_last) / interval_steps
             record = {"iter": iter_num, "kind": "train", "loss": loss_mean, "ce": ce_mean,

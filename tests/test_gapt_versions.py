@@ -12,9 +12,8 @@ import torch
 
 from conftest import LOSS_TOL, ON_CUDA, REPO, TINY, read_log, run_train
 from gapt_versions import Algorithm1Gate, LaterGate
-from train import GAPT, load_config, regularised_layers
+from train import GAPT, VERSIONS, load_config, regularised_layers
 
-VERSIONS = ("paper_era", "algorithm1", "later", "project")
 FLAT = [1.0, 1.0]  # an MBE trace that never improves
 
 
@@ -231,58 +230,7 @@ def test_later_spike_is_against_the_global_best_before_this_step():
     assert g.step(2.21, 1.0) == 1 and g.last_switch["ce_min"] == 2.0
 
 
-# --- every version through train.py ----------------------------------------------------------------------------
-
-FAST = ["--gapt_patience_memorize=2", "--gapt_patience_compress=2", "--gapt_tau=10.0"]
-
-
-def version_args(version, token_data):
-    args = [*TINY, f"--data_dir={token_data}", f"--gapt_version={version}", "--gapt_mode=gapt", *FAST,
-            "--log_interval=1", "--eval_interval=4", "--gradient_accumulation_steps=2", "--lr_decay_iters=10",
-            "--gapt_delta=0.5", "--gapt_delta_mbe=0.5"]  # progress is rare: phases switch in a 10-step run
-    return args
-
-
-TIMING = ("ms_per_iter", "tokens_per_s", "mfu")
-
-
-def comparable(records):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
-
-
-@pytest.mark.parametrize("version", VERSIONS)
-def test_each_version_resumes_exactly_every_log_record(token_data, tmp_path, version):
-    common = version_args(version, token_data) + ["--dropout=0.1", "--deterministic=True"]
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run_train(*common, f"--out_dir={straight}", "--max_iters=10")
-    run_train(*common, f"--out_dir={resumed}", "--max_iters=4")  # stops at an eval step: no extra final eval
-    run_train(*common, f"--out_dir={resumed}", "--max_iters=10", "--init_from=resume")
-    a, b = read_log(straight), read_log(resumed)
-    assert {r["kind"] for r in a} == {"train", "eval", "switch"} and {r["phase"] for r in a} == {1, 2}
-    if not ON_CUDA:
-        assert comparable(a) == comparable(b)
-    else:
-        assert [(r["kind"], r["iter"], r["phase"]) for r in a] == [(r["kind"], r["iter"], r["phase"]) for r in b]
-
-
-@pytest.mark.parametrize("version", VERSIONS)
-def test_each_version_on_two_processes_matches_one(token_data, tmp_path, version):
-    """paper_era with 2 micro-batches over 2 processes: on every other step one process backpropagates an MBE
-    alone, which leaves the head without a gradient there (DDP's reduction must still finish)."""
-    nproc = min(2, torch.cuda.device_count()) if ON_CUDA else 2
-    common = version_args(version, token_data) + ["--max_iters=10", "--eval_interval=100"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_train(*common, f"--out_dir={one}")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    run_train(*common, f"--out_dir={two}", launcher=torchrun)
-    a, b = read_log(one), read_log(two)
-    assert [(r["kind"], r["iter"], r["phase"], r.get("reason")) for r in a] == \
-           [(r["kind"], r["iter"], r["phase"], r.get("reason")) for r in b]
-    assert {r["phase"] for r in a} == {1, 2}
-    tol = max(1e-4, LOSS_TOL)
-    for ra, rb in zip(read_log(one, "train"), read_log(two, "train")):
-        assert ra["loss"] == pytest.approx(rb["loss"], abs=tol) and ra["mbe"] == pytest.approx(rb["mbe"], abs=tol)
-
+# --- every version through train.py: tests/test_gapt_conformance.py ---------------------------------------------
 
 def test_the_default_says_which_version_it_runs_in_its_first_line(token_data, tmp_path):
     result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={tmp_path / 'd'}", "--max_iters=2",
@@ -293,8 +241,11 @@ def test_the_default_says_which_version_it_runs_in_its_first_line(token_data, tm
 
 @pytest.mark.parametrize("args, message", [
     (["--gradient_accumulation_steps=1"], "never compresses"),
-    (["--gapt_ema=0.9"], "is an option of gapt_version='project'"),
-    (["--mbe_layers=rotate", "--gapt_version=later"], "is an option of gapt_version='project'"),
+    (["--gapt_ema=0.9"], "is read by gapt_version 'project' only, not by 'paper_era'"),
+    (["--gapt_version=algorithm1", "--gapt_delta_mbe=0.01"], "is read by gapt_version 'later' / 'paper_era' only"),
+    (["--gapt_version=algorithm1", "--gapt_count_mbe_progress=False"], "is read by gapt_version 'paper_era' only"),
+    (["--gapt_random_share=0.5"], "is read only with gapt_mode='random'"),
+    (["--mbe_layers=rotate", "--gapt_version=later"], "is an option of gapt_version 'project', not of 'later'"),
     (["--gapt_version=paper"], "gapt_version"),
 ])
 def test_settings_a_version_cannot_honour_are_one_line(token_data, tmp_path, args, message):
@@ -303,7 +254,7 @@ def test_settings_a_version_cannot_honour_are_one_line(token_data, tmp_path, arg
 
 
 def test_each_preset_follows_a_task_config_and_sets_its_version():
-    for version in VERSIONS:
+    for version in VERSIONS:  # every registered version has its preset
         c = load_config([os.path.join(REPO, "config/kernel_docs_gapt.py"),
                          os.path.join(REPO, f"config/gapt_{version}.py")])
         assert c.gapt_version == version and c.gapt_mode == "gapt"
@@ -326,3 +277,45 @@ def test_baseline_layouts_agree_to_rounding_only(token_data, tmp_path):
     assert logs[0] == pytest.approx(logs[1], abs=1e-4)
     if not ON_CUDA:
         assert logs[0] != logs[1]
+
+
+# --- a non-finite MBE with a finite CE: as the author's code ---------------------------------------------------
+
+def test_paper_era_non_finite_mbe_keeps_the_layers_minimum():
+    """RRScheduler updates a minimum with min(best, mbe): a NaN never replaces it (this code's min(mbe, best) did)."""
+    g = paper(patience_memorize=100)
+    g.step(4.0, [1.0, 2.0])
+    g.step(4.0, [math.nan, 1.5])
+    assert g.mbe_min == [1.0, 1.5] and g.s_c == 0  # the finite layer's drop of 0.5 still counts as progress
+    g.step(4.0, [math.inf, 1.5])
+    assert g.mbe_min == [1.0, 1.5] and g.s_c == 1
+
+
+def test_later_skips_a_call_whose_mbe_is_not_finite():
+    """src/gapt.py's step() returns before its rules when a loss is not finite: nothing counts, no minimum moves."""
+    g = later(patience_memorize=3)
+    g.step(5.0, 10.0), g.step(5.0, 10.0)
+    state = g.state_dict()
+    for bad in (math.nan, math.inf):
+        assert g.step(5.0, bad) == 1 and g.state_dict() == state and g.last_switch is None
+    g.step(5.0, 10.0)
+    assert g.phase == 2  # the third counted call, not the fifth
+
+
+def test_later_switches_land_at_the_next_step_and_a_phase_inside_one_step_is_never_trained():
+    """The later gate is fed a step's micro-batches in order after the step: a switch decided on the step's first
+    micro-batch applies from the next step's first (N micro-batches after the author's code would apply it), one
+    decided on the last applies one micro-batch late; a compression phase that opens and closes within one step's
+    calls is logged twice and trains nothing."""
+    from types import SimpleNamespace
+    def feed(g, rows):  # what end_step sees: the step's (CE, MBE term) per micro-batch, in order
+        step = SimpleNamespace(gated=True, signal=torch.tensor(rows), sum_over_processes=lambda t: t,
+                               check_finite=lambda v: None)
+        return g.end_step(step)
+    g = later(patience_memorize=1, patience_compress=1)
+    switches = feed(g, [[5.0, 1.0], [5.0, 1.0], [5.0, 1.0], [5.0, 1.0]])  # no progress on the first call: switch
+    assert [s["reason"] for _, s in switches] == ["ce_plateau", "mbe_patience", "ce_plateau", "mbe_patience"]
+    assert g.phase == 1  # two compression phases decided within the step, neither ever applied to a micro-batch
+    g = later(patience_memorize=4, patience_compress=100)
+    switches = feed(g, [[5.0, 1.0], [5.0, 1.0], [5.0, 1.0], [5.0, 1.0]])
+    assert [(before, s["reason"]) for before, s in switches] == [(1, "ce_plateau")] and g.phase == 2

@@ -334,42 +334,49 @@ def test_gradient_cosines_of_identical_and_opposite_losses():
 
 def compression_setup(**overrides):
     from types import SimpleNamespace
-    c = SimpleNamespace(**{**load_config([]).__dict__, "mbe_weight": 1.0, "gapt_version": "project", **overrides})
+    c = SimpleNamespace(**{**load_config([]).__dict__, "mbe_weight": 1.0, "gapt_version": "project", "device": "cpu",
+                           **overrides})
     torch.manual_seed(0)
     hidden = torch.randn(4, 2, 16, 8, requires_grad=True)  # (n_layer, B, T, D)
     return c, hidden
 
 
+def compression_loss(ce, hidden, c, step_num):
+    """The project version's compressing micro-batch, as the loop asks it (a Step in phase 2)."""
+    from train import Step, VERSIONS, regularised_layers
+    gate = VERSIONS["project"].from_config(c, regularised_layers(c.mbe_layers, 4, "project"))
+    return gate.micro_batch(Step(c, 2, False, step_num, 0, 1, lambda v: None), 0, ce, hidden)
+
+
 def test_compression_loss_is_ce_plus_weighted_mean_mbe():
     from mbe import patched_mbe
-    from train import compression_loss, layers_mbe, regularised_layers
+    from train import layers_mbe, regularised_layers
     c, hidden = compression_setup(mbe_weight=0.5)
     layers = regularised_layers("auto", 4, "project")
     layer_mbe = layers_mbe(hidden, layers, c)
-    loss = compression_loss(torch.tensor(2.0), layer_mbe, c, 0)
+    loss = compression_loss(torch.tensor(2.0), hidden, c, 0)
     assert layers == [1, 2] and layer_mbe.shape == (2,)
     assert torch.allclose(layer_mbe, patched_mbe(hidden[1:3], 8))
     assert loss.item() == pytest.approx(2.0 + 0.5 * layer_mbe.mean().item(), abs=1e-6)
 
 
 def test_mbe_floor_stops_the_gradient_below_it():
-    from train import compression_loss, layers_mbe
     c, hidden = compression_setup(mbe_floor=100.0)  # above any MBE: no reward for compressing further
-    loss = compression_loss(torch.tensor(2.0), layers_mbe(hidden, [1, 2], c), c, 0)
+    loss = compression_loss(torch.tensor(2.0), hidden, c, 0)
     loss.backward()
     assert loss.item() == pytest.approx(2.0) and torch.count_nonzero(hidden.grad) == 0
     c, hidden = compression_setup(mbe_floor=0.5)  # below the MBE: the gradient is that of plain MBE
-    compression_loss(torch.tensor(2.0), layers_mbe(hidden, [1, 2], c), c, 0).backward()
+    compression_loss(torch.tensor(2.0), hidden, c, 0).backward()
     assert torch.count_nonzero(hidden.grad[1:3]) > 0
 
 
 def test_rotate_regularises_one_middle_layer_per_step():
-    from train import compression_loss, layers_mbe, regularised_layers
+    from train import layers_mbe, regularised_layers
     layers = regularised_layers("rotate", 4, "project")
     for step, layer in ((0, 1), (1, 2), (2, 1)):
         c, hidden = compression_setup(mbe_layers="rotate")
         layer_mbe = layers_mbe(hidden, layers, c)
-        loss = compression_loss(torch.tensor(0.0), layer_mbe, c, step)
+        loss = compression_loss(torch.tensor(0.0), hidden, c, step)
         loss.backward()
         assert loss.item() == pytest.approx(layer_mbe[layer - 1].item(), abs=1e-6)
         touched = [i for i in range(4) if torch.count_nonzero(hidden.grad[i]) > 0]
