@@ -19,6 +19,16 @@ Variants, alternated step by step in one process so that machine drift affects t
                          ITS model.py and configure_optimizers at the same shapes, batch, dtype and compile, so the
                          baseline's throughput can be compared with nanoGPT's on the same machine
 Every variant steps the config's optimizer (AdamW, or Muon + AdamW with optimizer="muon").
+
+Then the paper-era default as train.py runs it (its Step, micro_batch_loss and GAPT gate, gradient_accumulation_steps
+= N micro-batches per step, compiled per block with compile=True), interleaved the same way:
+  (A) layout_baseline    N micro-batches of CE (gapt_mode="off")
+  (M) layout_memorize    memorization: N of CE, the last also every layer's MBE without gradients, fed to the gate
+  (C1) compress_mbe_first  compression, the counter odd: N-1 micro-batches of one block's MBE alone (each stops at its
+                         block), then one of CE (the first of the two alternating kinds of compression step)
+  (C2) compress_ce_first   compression, the counter even: N-1 of CE, then one of MBE alone (after a whole forward)
+The compressed block rotates over the regularised ones from step to step, as in training. Memory on the CPU: the most
+saved activations of any micro-batch of the step.
 It also times the MBE of the stacked hidden states alone (forward + backward), the α=2 closed form against the
 eigenvalue path (α=1) at --alpha_shape, and this machine's peak matmul FLOP/s, for the MFU column.
 With --mbe_compiled=1 (the default when the config compiles) it also times that MBE as train.py runs it under
@@ -45,7 +55,7 @@ from model import GPT, GPTConfig
 from shards import read_meta
 from configurator import ConfigError
 from system import setup_compute
-from train import GAPT, layers_mbe, load_config, regularised_layers
+from train import GAPT, Step, compile_every_variant, layers_mbe, load_config, micro_batch_loss, regularised_layers
 
 BENCH_FLAGS = {"steps": 20, "warmup": 3, "micro_batches": 1, "alpha_shape": "8,1024,768", "alpha_threads": 1,
                "nanogpt_dir": "", "mbe_compiled": -1}
@@ -115,6 +125,75 @@ def load_nanogpt(nanogpt_dir, c, vocab_size, device_type):
     model = model.to(c.device)
     optimizer = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
     return model, optimizer
+
+
+def layout_rows(c, model, optimizers, autocast, device_type, vocab_size, bench):
+    """The paper-era default's steps as train.py runs them: (A), (M), (C1), (C2) of the docstring, interleaved."""
+    import copy
+    c = SimpleNamespace(**{**vars(c), "gapt_version": "paper_era", "gapt_mode": "always"})
+    N = max(2, c.gradient_accumulation_steps)
+    c.gradient_accumulation_steps = N
+    layers = regularised_layers(c.mbe_layers, c.n_layer, "paper_era")
+    gate = GAPT.from_config(c, layers)
+    gate.patience_memorize = 10 ** 9  # memorization never ends on its own
+    if c.compile:
+        compile_every_variant(model, gate, c, autocast)  # train.py's: blocks and head compiled apart, up front
+    data = [torch.randint(vocab_size, (c.batch_size, c.block_size), device=c.device) for _ in range(N)]
+    kinds = {"layout_baseline": ("off", 1, 0), "layout_memorize": ("gapt", 1, 0), "compress_mbe_first": ("always", 2, 1),
+             "compress_ce_first": ("always", 2, 0)}  # gapt_mode, phase, the counter as the step begins
+    rounds = [0]
+
+    def one_step(kind, measure_memory=False):
+        mode, phase, counter = kinds[kind]
+        g = copy.deepcopy(gate)
+        g.micro, g.layer = counter, rounds[0] % len(layers)
+        step = Step(SimpleNamespace(**{**vars(c), "gapt_mode": mode}), phase, False, 0, 0, 1, lambda v: None)
+        g.begin_step(step)
+        most = 0
+        for j in range(N):
+            def micro():
+                with autocast:
+                    loss = micro_batch_loss(model, g, step, j, data[j], data[j])
+                (loss / N).backward()
+            most = max(most, activation_bytes(micro)) if measure_memory else micro() or 0
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return most
+
+    times, memory = {k: [] for k in kinds}, {}
+    for kind in kinds:
+        for _ in range(bench.warmup):
+            one_step(kind)
+        if device_type == "cuda":
+            sync(device_type)
+            torch.cuda.reset_peak_memory_stats()
+            one_step(kind)
+            memory[kind] = torch.cuda.max_memory_allocated()
+        else:
+            memory[kind] = one_step(kind, measure_memory=True)
+    for r in range(bench.steps):
+        rounds[0] = r
+        for kind in kinds:
+            times[kind].append(timed(lambda: one_step(kind), device_type))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = {k: {"ms_median": med[k] * 1000, "ms_min": min(times[k]) * 1000, "ms_max": max(times[k]) * 1000,
+                "ratio_to_baseline": med[k] / med["layout_baseline"],
+                "memory_mb": memory[k] / 2 ** 20, "memory_ratio": memory[k] / memory["layout_baseline"]}
+            for k in kinds}
+    compress = (med["compress_mbe_first"] + med["compress_ce_first"]) / 2
+    summary = {"micro_batches": N, "rows": rows, "compress_to_memorize": compress / med["layout_memorize"],
+               "memorize_to_baseline": med["layout_memorize"] / med["layout_baseline"]}
+    print(f"\nThe paper-era default as train.py runs it: {N} micro-batches per step, regularised blocks {layers}")
+    print("| step | ms/step (median) | spread (min–max) | ratio to (A) | memory MB | memory ratio |")
+    print("|---|---|---|---|---|---|")
+    for label, kind in zip(("A", "M", "C1", "C2"), kinds):
+        row = rows[kind]
+        print(f"| ({label}) {kind} | {row['ms_median']:.1f} | {row['ms_min']:.1f}–{row['ms_max']:.1f} | "
+              f"{row['ratio_to_baseline']:.3f} | {row['memory_mb']:.1f} | {row['memory_ratio']:.3f} |")
+    print(f"compression (mean of C1 and C2) / memorization (M): {summary['compress_to_memorize']:.3f}; "
+          f"memorization / baseline: {summary['memorize_to_baseline']:.3f}")
+    return summary
 
 
 def main(argv):
@@ -259,6 +338,8 @@ def main(argv):
               f"baseline step ({mbe_ms / mbe_compiled_ms:.2f}x faster than eager; values differ by at most "
               f"{mbe_compiled_diff:.1e}, gradients by {mbe_compiled_grad_diff:.1e} of their largest)")
     print(f"MBE memory-traffic floor (1.5 x one read and write of the hidden states): {floor_ms:.2f} ms")
+
+    result["layout"] = layout_rows(c, model, optimizers, autocast, device_type, vocab_size, bench)
 
     if bench.alpha_shape:  # the α=2 closed form against the eigenvalue path, forward + backward
         B, N, D = (int(v) for v in bench.alpha_shape.split(","))

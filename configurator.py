@@ -170,10 +170,13 @@ def check_gapt_version(c, defaults):
         if c[key] != defaults[key]:
             readers = [name for name, v in VERSIONS.items() if key in v.own_keys]
             raise ConfigError(f"config key {key!r}={c[key]!r} is read by gapt_version {' / '.join(map(repr, readers))}"
-                              f" only, not by {version.name!r}, where it would do nothing: add --gapt_version="
-                              f"{readers[0]}, or leave {key} out")
+                              f" only, not by {version.name!r}, where it would do nothing: choose one of those "
+                              f"versions, or leave {key} out")
     if c["gapt_mode"] != "random" and c["gapt_random_share"] != defaults["gapt_random_share"]:
         raise ConfigError(f"config key 'gapt_random_share' is read only with gapt_mode='random' (this run has "
                           f"gapt_mode={c['gapt_mode']!r}, where it would do nothing): add --gapt_mode=random, or leave "
                           f"it out")
-    version.check(c)
+    try:
+        version.check(c)
+    except ValueError as e:  # a version in gapt_versions.py cannot import ConfigError (imports point one way)
+        raise ConfigError(str(e)) from None

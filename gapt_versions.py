@@ -14,7 +14,8 @@ The face: the training loop asks the version and never names one. A version is a
                                those of other versions, set away from their defaults, with one line)
     layer_words                the words it takes for mbe_layers besides a list of blocks ("auto"; project: "rotate")
     auto_layers(n_layer)       its regularised blocks for mbe_layers="auto"
-    check(c)                   its own config rules (a dict of settings; raise ConfigError), or nothing
+    check(c)                   its own config rules on the dict of settings: raise ValueError with one line that says
+                               what to do (configurator.py reports it as a ConfigError), or nothing
     from_config(c, layers)     the gate for config c and the regularised blocks `layers`
     begin_step(step)           before an optimizer step's micro-batches (step: train.py's Step, what the loop and the
                                version share for one step: phase, log_step, gated, N, iter_num, measure, ...)
@@ -25,7 +26,8 @@ The face: the training loop asks the version and never names one. A version is a
     end_step(step)             after the optimizer step: feed the gate if step.gated; -> [(phase before, switch)]
     phase, switches, last_switch, step(ce, mbe) -> phase   the state machine; record_switch records a switch
     state_dict / load_state_dict   every attribute that is not in `settings` (the keyword arguments from the config)
-tests/test_gapt_versions.py runs every registered version through resume, DDP, compile and the switch records.
+tests/test_gapt_conformance.py runs every registered version through resume, DDP, compile, the switch records and
+the state round trip; docs/reading_the_code.md says what a new version touches.
 """
 
 import math

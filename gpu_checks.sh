@@ -10,10 +10,11 @@
 #   data/kernel_docs_heldout, data/python_docs_eval   the commands in config/kernel_docs_regime.py
 #   .gpu/nanoGPT/model.py                             model.py of github.com/karpathy/nanoGPT, for bench.py's row (n)
 # Parts, in this order:
-#   1. bench (<= 190 s): bench.py at GPT-2 124M shapes (batch 16 x 1024, bf16, compile), the GPU to itself:
+#   1. bench (<= 240 s): bench.py at GPT-2 124M shapes (batch 16 x 1024, bf16, compile), the GPU to itself:
 #      (a) baseline, (b) compression with the fused compiled MBE, (e) with the eager MBE, (c) whole-sequence MBE,
 #      (d) memorization, (n) nanoGPT; MFU against the bf16 matmul peak measured in the same run; the MBE alone eager
-#      and compiled.
+#      and compiled; then the paper-era default's steps as train.py runs them, 4 micro-batches of 16: (A) baseline,
+#      (M) memorization, (C1)/(C2) the two alternating compression steps (MBE-alone micro-batches stop at their block).
 #   2. tests: the train-level tests on CUDA (GAPT_TEST_DEVICE=cuda), test_exact_resume with deterministic=True among
 #      them; beside them, wave 1 of the sweep (<= 250 s).
 #   3. sweep: the paper's regime in miniature (config/kernel_docs_regime.py, docs/regime_miniature.md), seeds 0-2,
@@ -25,6 +26,7 @@
 #   4. big: if 150 s or more are left, the 51M model of config/kernel_docs_gpu.py for 4 passes (baseline and
 #      paper_era, seeds 0-1) until the deadline.
 # GPU_PARTS="bench tests sweep big" picks parts. The logs come back in RESULTS_DIR/logs.tar.gz, the tables as text.
+# The deadlines are the GPU's budget: GPU_CHECKS_TINY=1 runs every part to its end, however slow the machine.
 set -u
 RESULTS=${1:-out-gpu}
 mkdir -p "$RESULTS"
@@ -44,7 +46,7 @@ BIG_SEEDS="0 1"
 BASE="config/kernel_docs_baseline.py,config/kernel_docs_regime.py"
 SWEEP_ARGS=()
 BIG_ARGS=(--set max_iters=1840 eval_interval=80 --train_args --data_dir=data/kernel_docs_heldout)  # 4 passes
-BENCH=(config/fineweb_gapt.py --batch_size=16 --steps=15 --nanogpt_dir=.gpu/nanoGPT)
+BENCH=(config/fineweb_gapt.py --batch_size=16 --gradient_accumulation_steps=4 --steps=15 --nanogpt_dir=.gpu/nanoGPT)
 TESTS=(tests/test_train.py tests/test_mult.py tests/test_mbe.py tests/test_gapt.py tests/test_gapt_versions.py)
 TEST_DEVICE=cuda
 JOBS=18
@@ -65,6 +67,16 @@ if [[ "$TINY" == 1 ]]; then  # the same parts, at sizes a CPU runs in about a mi
   JOBS=2
 fi
 
+if [[ "$TINY" != 1 ]] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "gpu_checks: no CUDA device here (torch.cuda.is_available() is False): run it on the GPU machine, or" \
+       "GPU_CHECKS_TINY=1 bash gpu_checks.sh DIR to run every part at toy sizes on the CPU" >&2
+  exit 2
+fi
+deadline() {  # deadline SECONDS COMMAND...: SIGTERM at the deadline, SIGKILL 15 s later; no deadline when tiny
+  local seconds=$1; shift
+  if [[ "$TINY" == 1 ]]; then "$@"; else timeout -k 15 "$seconds" "$@"; fi
+}
+
 if [[ "$TINY" != 1 ]]; then  # what must travel with the tree: say so in one line and run the parts that can run
   for d in data/kernel_docs_heldout data/python_docs_eval; do
     [[ -f $d/meta.json ]] || { echo "gpu_checks: $d is missing (prepare it with the command in" \
@@ -82,21 +94,21 @@ tail -3 "$RESULTS/env.txt"
 
 # 1. bench.py with the GPU to itself
 if want bench; then
-  timeout -k 15 190 $PY bench.py "${BENCH[@]}" > "$RESULTS/bench.txt" 2>&1
+  deadline 240 $PY bench.py "${BENCH[@]}" > "$RESULTS/bench.txt" 2>&1
   echo "bench exit $? at $(elapsed) s"
 fi
 
 # 2 and 3 (wave 1), side by side
 sweep() {  # experiment.py over the regime sweep, stopped (with its runs) after $1 seconds; then its arguments
   local deadline=$1; shift
-  timeout -k 15 "$deadline" $PY experiment.py --out_root "$SWEEP" --jobs $JOBS --threads 1 "$@" "${SWEEP_ARGS[@]}"
+  deadline "$deadline" $PY experiment.py --out_root "$SWEEP" --jobs $JOBS --threads 1 "$@" "${SWEEP_ARGS[@]}"
 }
 WAVE1=("$BASE" "$BASE+dropout=0.1" "$BASE,config/gapt_paper_era.py"
        "$BASE,config/gapt_algorithm1.py" "$BASE+gapt_mode=gapt+gapt_ema=0.9+mbe_floor=0.5"
        "$BASE,config/gapt_paper_era.py+gapt_mode=always")
 if want tests; then
   XDIST=$($PY -c "import xdist" 2>/dev/null && [[ "$TINY" != 1 ]] && echo "-n 4")
-  GAPT_TEST_DEVICE=$TEST_DEVICE timeout -k 15 250 $PY -m pytest -q $XDIST -p no:cacheprovider "${TESTS[@]}" \
+  GAPT_TEST_DEVICE=$TEST_DEVICE deadline 250 $PY -m pytest -q $XDIST -p no:cacheprovider "${TESTS[@]}" \
       > "$RESULTS/tests.txt" 2>&1 &
   TESTS_PID=$!
 fi
@@ -123,7 +135,7 @@ PYTHON
   echo "wave 2: the random gate at share $SHARE (the paper_era row's mean)" | tee -a "$RESULTS/sweep.txt"
   RANDOM_ROW="$BASE,config/gapt_paper_era.py+gapt_mode=random+gapt_random_share=$SHARE"
   WAVE2=$(( $(left) - 30 < 100 ? $(left) - 30 : 100 ))  # 30 s kept for the table and the archive
-  if (( WAVE2 >= 30 )); then
+  if (( WAVE2 >= 30 )) || [[ "$TINY" == 1 ]]; then
     sweep $WAVE2 --seeds $SEEDS --configs "$RANDOM_ROW" >> "$RESULTS/sweep.txt" 2>&1
     echo "sweep wave 2 exit $? at $(elapsed) s"
   else
@@ -134,8 +146,8 @@ PYTHON
 fi
 
 # 4. the 51M model for 4 passes, if time is left
-if want big && (( $(left) >= 150 )); then
-  timeout -k 15 $(( $(left) - 30 )) $PY experiment.py --out_root "$BIG" --jobs 4 --threads 1 --seeds $BIG_SEEDS \
+if want big && { (( $(left) >= 150 )) || [[ "$TINY" == 1 ]]; }; then
+  deadline $(( $(left) - 30 )) $PY experiment.py --out_root "$BIG" --jobs 4 --threads 1 --seeds $BIG_SEEDS \
       --configs config/kernel_docs_gpu.py+gapt_mode=off config/kernel_docs_gpu.py,config/gapt_paper_era.py \
       "${BIG_ARGS[@]}" > "$RESULTS/big.txt" 2>&1
   echo "big exit $? at $(elapsed) s"

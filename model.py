@@ -125,25 +125,35 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None, return_hidden=False):
+    def forward(self, idx, targets=None, return_hidden=False, n_blocks=None):
         """
         idx: (B, T) token ids; targets: (B, T) ids or None (-1 = ignored position).
         Returns (logits, loss, hidden), hidden None unless return_hidden=True (stacking them costs a copy):
           logits (B, T, vocab) when targets are given, else (B, 1, vocab) for the last position only;
           loss   the mean cross-entropy, or None;
           hidden (n_layer, B, T, n_embd): the residual stream after every block, before ln_f
-                 (the representations R_l whose matrix-based entropy GAPT measures).
+                 (the representations R_l whose matrix-based entropy GAPT measures; hidden[l] depends on the
+                 embeddings and blocks 0 ... l only).
+        n_blocks: run blocks 0 ... n_blocks-1 only and stop (no ln_f, no head): returns (None, None, hidden) with
+          hidden (n_blocks, B, T, n_embd), for a micro-batch that backpropagates one block's MBE alone.
         """
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of length {T} is longer than block_size {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         hidden = []
-        for block in self.transformer.h:
+        for block in self.transformer.h[:n_blocks]:
             x = block(x)
-            if return_hidden:
+            if return_hidden or n_blocks is not None:
                 hidden.append(x)
-        hidden = torch.stack(hidden) if return_hidden else None  # (n_layer, B, T, C)
+        hidden = torch.stack(hidden) if hidden else None  # (n_layer or n_blocks, B, T, C)
+        if n_blocks is not None:
+            return None, None, hidden
+        logits, loss = self.head(x, targets)
+        return logits, loss, hidden
+
+    def head(self, x, targets=None):
+        """ln_f and the tied head on the last residual stream x (B, T, C); the CE against targets if given."""
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab)
@@ -151,7 +161,16 @@ class GPT(nn.Module):
         else:
             logits = self.lm_head(x[:, [-1], :])  # (B, 1, vocab): generation needs the last position only
             loss = None
-        return logits, loss, hidden
+        return logits, loss
+
+    def compile_parts(self):
+        """torch.compile every block and the head apart (torchtitan's way) instead of the whole forward: the blocks
+        share one compiled graph, so a forward that stops after any block reuses it (no recompilation per depth),
+        and compiling takes a block's time, not the model's."""
+        for block in self.transformer.h:
+            block.compile()
+        self.head = torch.compile(self.head)
+        return self
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=False):
         """[AdamW] with weight decay on every parameter of 2 or more dimensions (matmul weights, embeddings) only; or,

@@ -10,6 +10,7 @@ Read top to bottom: the defaults, the GAPT state machine, the compression loss, 
 optimizer, and the training loop with its evaluations, logs and checkpoints.
 """
 
+import copy
 import json
 import math
 import os
@@ -77,7 +78,7 @@ DEFAULTS = dict(
     min_lr=3e-4,
     # GAPT (docs/gapt_versions.md: each version's rules, where the author's code has them, and which keys it reads)
     gapt_mode="gapt",  # "off" (CE only), "gapt" (the gate), "always" (compress every step), "random"
-    gapt_version="paper_era",  # "paper_era" (the author's train_pcgrad.py), "algorithm1", "later", "project"
+    gapt_version="paper_era",  # a registered version (gapt_versions.py): "paper_era" (train_pcgrad.py), "algorithm1", ...
     gapt_random_share=0.3,  # gapt_mode="random": the share of steps, drawn at random, that compress
     mbe_weight=1.0,  # w: paper_era w·MBE of one layer; algorithm1 CE + w·mean MBE; later CE + max(w·mean MBE, 1e-5)
     mbe_alpha=2.0,  # Rényi order α of the matrix-based entropy
@@ -207,8 +208,8 @@ class GAPT:
     def begin_step(self, step):  # micro-batches 0 ... N-2 use the counter as the step begins
         step.layer_before = self.compressed_layer(step.phase)
 
-    def depth(self, step, j):
-        return None
+    def depth(self, step, j):  # micro-batches 0 ... N-2 that backpropagate one block's MBE alone stop at that block
+        return None if j == step.N - 1 or step.layer_before is None else self.layers[step.layer_before] + 1
 
     def micro_batch(self, step, j, ce, hidden):
         """The step's last micro-batch shows the gate its CE and every layer's MBE (without gradients); the gate steps
@@ -217,7 +218,9 @@ class GAPT:
         last = j == step.N - 1
         step.measure(hidden, list(range(step.n_layer)) if last and (step.gated or step.log_step) else [], grad=False)
         if step.last_here(j) and step.gated:
-            signal = step.sum_over_processes(torch.cat([ce.detach().float().view(1), step.mbe_sum]) * last)
+            mine = torch.cat([ce.detach().float().view(1), step.mbe_sum]) if last else torch.zeros(1 + step.n_layer,
+                                                                                                  device=hidden.device)
+            signal = step.sum_over_processes(mine)
             step.check_finite(signal[0].item())
             self.step(signal[0].item(), signal[1:].tolist())
         elif step.last_here(j):
@@ -263,7 +266,8 @@ def layers_mbe(hidden, layers, c):
 class Step:
     """One optimizer step as the loop and the GAPT version share it: the phase it trains in, whether it logs, whether
     the gate is fed (gapt_mode="gapt"), and what its micro-batches measured: loss and CE (each this process's mean
-    over its micro-steps), every layer's MBE summed over the micro-batches that measured it, and each micro-batch's
+    over its micro-steps; the CE over those that computed one: a micro-batch that stops at its block has none), every
+    layer's MBE summed over the micro-batches that measured it, and each micro-batch's
     (CE, compression term) for a gate fed per micro-batch. A version may keep what one step needs on it."""
 
     def __init__(self, c, phase, log_step, iter_num, rank, world, check_finite, ddp_model=None):
@@ -272,7 +276,7 @@ class Step:
         self.gated, self.n_layer, self.check_finite = c.gapt_mode == "gapt", c.n_layer, check_finite
         self.N = c.gradient_accumulation_steps  # micro-batches over all processes; j = rank * micro_steps + micro
         self.micro_steps, self.rank = self.N // world, rank
-        self.loss = torch.zeros(2, device=c.device)
+        self.loss = torch.zeros(3, device=c.device)  # loss, CE (of the micro-batches that computed one), their share
         self.mbe_sum, self.mbe_count = torch.zeros(2, c.n_layer, device=c.device)
         self.signal = torch.zeros(self.N, 2, device=c.device)
 
@@ -308,12 +312,42 @@ class Step:
 
 
 def micro_batch_loss(model, gapt, step, j, x, y):
-    """Micro-batch j of the step as its GAPT version asks: the forward pass it needs, then the loss it
-    backpropagates (the version measures the MBE it needs on the way); its loss and CE added to the step's."""
-    _, ce, hidden = model(x, y, return_hidden=True)
+    """Micro-batch j of the step as its GAPT version asks: the forward pass it needs (the whole model, or blocks
+    0 ... l alone for block l's MBE alone), then the loss it backpropagates (the version measures the MBE it needs on
+    the way); its loss, and its CE where it computed one, added to the step's."""
+    depth = gapt.depth(step, j)
+    _, ce, hidden = model(x, y if depth is None else None, return_hidden=True, n_blocks=depth)
     loss = gapt.micro_batch(step, j, ce, hidden)
-    step.loss += torch.stack([loss.detach(), ce.detach()]).float() / step.micro_steps
+    ce_and_share = torch.stack([ce.detach().float(), torch.ones_like(ce, dtype=torch.float)]) if ce is not None \
+        else torch.zeros(2, device=loss.device)
+    step.loss += torch.cat([loss.detach().float().view(1), ce_and_share]) / step.micro_steps
     return loss
+
+
+def compile_every_variant(model, gapt, c, autocast):
+    """Run, forward and backward, every kind of micro-batch the version will ask for (both phases, both ends of a
+    step, two steps in a row for counters that alternate) and the evaluation's forward once on a dummy batch, so
+    that each process compiles them all before the first step rather than when a kind first comes up, while the
+    other processes wait inside a collective. Changes nothing: the gate is a copy, the RNG streams are put back and
+    the gradients dropped."""
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state() if c.device.startswith("cuda") else None
+    x = torch.zeros(c.batch_size, c.block_size, dtype=torch.long, device=c.device)
+    for phase in (1, 2):
+        gate = copy.deepcopy(gapt)
+        for it in range(2):
+            step = Step(c, phase, True, it, 0, 1, lambda value: None)
+            gate.begin_step(step)
+            for j in sorted({0, step.N - 1}):
+                with autocast:
+                    loss = micro_batch_loss(model, gate, step, j, x, x)
+                loss.backward()
+    with torch.no_grad(), autocast:
+        _, ce, hidden = model(x, x, return_hidden=True)
+        layers_mbe(hidden, list(range(c.n_layer)), c)
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1])
 
 
 def get_lr(it, c):
@@ -364,17 +398,19 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
                                             muon=c.optimizer == "muon")
     scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
     gapt = VERSIONS[c.gapt_version].from_config(c, mbe_layers)  # the version's gate: the loop asks it
-    iter_num, best_val_loss, compress_steps, interval = 0, math.inf, 0, [0.0, 0.0, 0]
+    iter_num, best_val_loss, compress_steps, interval = 0, math.inf, 0, [0.0, 0.0, 0.0, 0]
     if checkpoint is not None and not c.eval_only:
         iter_num, best_val_loss = restore(checkpoint, optimizers, scaler, gapt, data_rng, rank, world, device_type)
         compress_steps, interval = checkpoint.get("compress_steps", 0), checkpoint.get("interval", interval)
+        if len(interval) == 3:  # a checkpoint from before the CE's share: every micro-batch computed its CE
+            interval = interval[:2] + [float(interval[2]), interval[2]]
         if master:
             print(f"resumed from {c.out_dir}/ckpt.pt at iter {iter_num} (phase {gapt.phase})")
     resumed_at, checkpoint = (iter_num if checkpoint is not None else None), None  # free the checkpoint
 
     raw_model = model
-    if c.compile:
-        model = torch.compile(model)
+    if c.compile:  # every block and the head apart, each variant compiled now on every process (not mid-run)
+        compile_every_variant(model.compile_parts(), gapt, c, autocast)
     eval_model = model  # never the DDP wrapper: rank 0 alone runs the task evaluation with it
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -401,8 +437,8 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
         print(setup_line(c, raw_model, mbe_layers, world, micro_steps, device_type))
 
     # the training loop ----------------------------------------------------------------------------------------
-    interval_loss = torch.tensor(interval[:2], device=c.device)  # loss and CE summed over this log interval's steps
-    interval_steps, t_last, t_start, last_align = interval[2], time.perf_counter(), time.perf_counter(), None
+    interval_loss = torch.tensor(interval[:3], device=c.device)  # Step.loss summed over this log interval's steps
+    interval_steps, t_last, t_start, last_align = interval[3], time.perf_counter(), time.perf_counter(), None
 
     def stop_if_not_finite(value):  # at each log line, eval, and (gapt_mode="gapt") step
         if not math.isfinite(value):

@@ -241,9 +241,9 @@ def test_the_default_says_which_version_it_runs_in_its_first_line(token_data, tm
 
 @pytest.mark.parametrize("args, message", [
     (["--gradient_accumulation_steps=1"], "never compresses"),
-    (["--gapt_ema=0.9"], "is read by gapt_version 'project' only, not by 'paper_era'"),
-    (["--gapt_version=algorithm1", "--gapt_delta_mbe=0.01"], "is read by gapt_version 'later' / 'paper_era' only"),
-    (["--gapt_version=algorithm1", "--gapt_count_mbe_progress=False"], "is read by gapt_version 'paper_era' only"),
+    (["--gapt_ema=0.9"], "only, not by 'paper_era', where it would do nothing"),
+    (["--gapt_version=algorithm1", "--gapt_delta_mbe=0.01"], "'gapt_delta_mbe'=0.01 is read by gapt_version "),
+    (["--gapt_version=algorithm1", "--gapt_count_mbe_progress=False"], "'gapt_count_mbe_progress'=False is read by "),
     (["--gapt_random_share=0.5"], "is read only with gapt_mode='random'"),
     (["--mbe_layers=rotate", "--gapt_version=later"], "is an option of gapt_version 'project', not of 'later'"),
     (["--gapt_version=paper"], "gapt_version"),
@@ -319,3 +319,65 @@ def test_later_switches_land_at_the_next_step_and_a_phase_inside_one_step_is_nev
     g = later(patience_memorize=4, patience_compress=100)
     switches = feed(g, [[5.0, 1.0], [5.0, 1.0], [5.0, 1.0], [5.0, 1.0]])
     assert [(before, s["reason"]) for before, s in switches] == [(1, "ce_plateau")] and g.phase == 2
+
+
+# --- paper_era: a micro-batch that backpropagates one block's MBE alone stops at that block ------------------------
+
+def tiny_model(n_layer, compile_=False):
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0, bias=True))
+    return model.compile_parts() if compile_ else model
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_an_mbe_only_micro_batch_has_the_full_forwards_gradients_and_none_above_its_block(compile_):
+    from train import layers_mbe
+    c = SimpleNamespace(mbe_patch_size=8, mbe_alpha=2.0, mbe_center=False, compile=compile_)
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for stop in (False, True):
+        model = tiny_model(6, compile_)
+        _, _, hidden = model(x, None if stop else x, return_hidden=True, n_blocks=3 if stop else None)
+        assert hidden.shape[0] == (3 if stop else 6)
+        layers_mbe(hidden, [2], c).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, full in grads[0].items():
+        block = int(name.split(".")[2]) if name.startswith("transformer.h.") else None
+        if block is not None and block > 2 or name.startswith("transformer.ln_f"):
+            assert full is None or not full.any(), name  # the blocks above and ln_f: no gradient in either path
+            assert grads[1][name] is None, name  # and never computed on the stopped path
+        else:
+            assert torch.allclose(grads[1][name], full, atol=1e-6, rtol=0), name
+
+
+def test_compiled_blocks_compile_once_up_front_and_never_per_depth():
+    """12 blocks, the regularised ones 2 ... 9 all visited by MBE-alone micro-batches that stop at each: every
+    compiled function stays within a few cache entries (dynamo's limit is 8), and after compile_every_variant nothing
+    compiles again mid-run (so no process waits inside a collective for another's compile)."""
+    import torch._dynamo
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+    from model import Block
+    from train import VERSIONS, Step, compile_every_variant, micro_batch_loss, regularised_layers
+    torch._dynamo.reset()
+    c = load_config(["--n_layer=12", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
+                     "--device=cpu", "--vocab_size=64", "--gradient_accumulation_steps=2", "--gapt_mode=always",
+                     "--compile=True"])
+    model = tiny_model(12).compile_parts()
+    layers = regularised_layers(c.mbe_layers, 12, "paper_era")
+    gate = VERSIONS["paper_era"].from_config(c, layers)
+    compile_every_variant(model, gate, c, torch.autocast("cpu", enabled=False))
+    compiled = counters["stats"]["unique_graphs"]
+    stopped_at = set()
+    for it in range(2 * len(layers) + 2):  # the layer moves on every 2 steps (the counter wraps at 2 micro-batches)
+        step = Step(c, 2, it % 3 == 0, it, 0, 1, lambda v: None)
+        gate.begin_step(step)
+        for j in range(2):
+            x = torch.randint(0, 64, (2, 16))
+            stopped_at.add(gate.depth(step, j))
+            micro_batch_loss(model, gate, step, j, x, x).backward()
+        gate.end_step(step)
+    assert stopped_at - {None} == {i + 1 for i in layers}  # every regularised block was a stopping point
+    assert counters["stats"]["unique_graphs"] == compiled, "a compile after compile_every_variant"
+    assert len(_debug_get_cache_entry_list(Block.forward.__code__)) <= 3

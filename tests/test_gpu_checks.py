@@ -31,6 +31,7 @@ def test_gpu_checks_runs_every_part_at_toy_sizes(tmp_path):
         assert part in out, out
     bench = (results / "bench.txt").read_text()  # compiled as on a GPU: (b) with the fused MBE, (e) with the eager one
     assert "| (b) compress |" in bench and "| (e) compress_eager |" in bench and "MBE alone compiled, fused" in bench
+    assert "| (C1) compress_mbe_first |" in bench and "compression (mean of C1 and C2) / memorization" in bench
     assert "1 passed" in (results / "tests.txt").read_text()  # test_exact_resume
     share = float(out.split("random gate at share ")[1].split()[0])
     assert 0 < share < 1  # the paper_era row compressed on some steps, not all (patience 2 in 8 steps)
@@ -44,3 +45,11 @@ def test_gpu_checks_runs_every_part_at_toy_sizes(tmp_path):
         names = archive.getnames()
     assert len([n for n in names if n.endswith("log.jsonl")]) == 7 + 2  # the sweep and the big model
     assert len([n for n in names if n.endswith("/done")]) == 7 + 2  # what makes a later call skip them
+
+
+def test_gpu_checks_without_a_gpu_stops_at_once_with_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECKS_TINY"}
+    result = subprocess.run(["bash", "gpu_checks.sh", str(tmp_path / "r")], cwd=REPO, env={**env, "CUDA_VISIBLE_DEVICES": ""},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no CUDA device here" in result.stderr and "GPU_CHECKS_TINY=1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r" / "bench.txt").exists()
