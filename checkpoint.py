@@ -26,6 +26,7 @@ class CheckpointError(RuntimeError):
 CHECKPOINT_KEYS = ("model", "optimizers", "scaler", "model_args", "config", "iter_num", "best_val_loss", "gapt",
                    "data_rng", "rng")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+SHAPE_KEYS = tuple(k for k in MODEL_KEYS if k != "dropout")  # what the weights fix (dropout may change on resume)
 
 
 # what a resume takes from this command, not from the checkpoint: how and where this process runs
@@ -51,11 +52,13 @@ def open_run(c, defaults, explicit=()):
         checkpoint = load_checkpoint(ckpt_path)
         if not c.eval_only:
             continue_settings(c, checkpoint, defaults, set(explicit))
-        adopt_model_shape(c, {**{k: checkpoint["model_args"][k] for k in MODEL_KEYS},
+        adopt_model_shape(c, {**{k: checkpoint["model_args"][k] for k in SHAPE_KEYS},
                               "optimizer": checkpoint["config"].get("optimizer", c.optimizer)}, defaults,
                           f"the run in {ckpt_path}", "drop that setting to resume, or train it from scratch in "
                           f"another out_dir")
         validate(vars(c), defaults)  # the settings again, with the shape of the model in the checkpoint
+        if not c.eval_only:
+            check_log_kept(log_path, checkpoint["iter_num"], c)
         if not c.eval_only and int(os.environ.get("RANK", 0)) == 0:
             truncate_log(log_path, checkpoint["iter_num"], c.log_interval)
         return checkpoint, None
@@ -86,25 +89,55 @@ def open_run(c, defaults, explicit=()):
 
 def continue_settings(c, checkpoint, defaults, explicit):
     """A resume's settings: the checkpoint's, but for the runtime keys and the keys this command set explicitly;
-    one line names every explicit change. A change the run cannot honour is a ConfigError."""
-    saved = checkpoint["config"]
+    one line names every change it makes, and a change the run cannot honour is a ConfigError. A checkpoint from
+    before gapt_version existed ran this project's rules ("project"). A longer max_iters keeps the run's learning-rate
+    schedule (its warm-up and its cosine end where they were) unless this command sets warmup_iters/lr_decay_iters."""
+    saved = {"gapt_version": "project", **checkpoint["config"]}
     changed = []
     for k in defaults:
         if k not in saved or k in RUNTIME_KEYS:
             continue
         if k not in explicit:
             setattr(c, k, saved[k])
-        elif getattr(c, k) != saved[k]:
+        elif getattr(c, k) != saved[k] and not same_path(k, getattr(c, k), saved[k]):
             changed.append(f"{k} {saved[k]!r} -> {getattr(c, k)!r}")
-    if saved.get("gapt_version", c.gapt_version) != c.gapt_version:
-        raise ConfigError(f"the run in {c.out_dir} used gapt_version={saved['gapt_version']!r}; its gate's state "
-                          f"cannot continue as {c.gapt_version!r}: drop --gapt_version to resume it, or train the "
-                          f"other version from scratch in another out_dir")
+    refuse = {k: getattr(c, k) for k in (*SHAPE_KEYS, "optimizer", "gapt_version", "seed") if k in saved and
+              getattr(c, k) != saved[k]}
+    for k, value in refuse.items():
+        why = {"gapt_version": "its gate's state cannot continue as another version",
+               "seed": "its data order and random streams came from its seed (a new seed would only move the "
+                       "evaluation windows)",
+               "optimizer": "its optimizer state belongs to that optimizer"}.get(k, "the weights would not fit")
+        raise ConfigError(f"the run in {c.out_dir} has {k}={saved[k]!r}: {why}; drop --{k} to resume it, or train "
+                          f"{k}={value!r} from scratch in another out_dir")
     if c.max_iters <= checkpoint["iter_num"]:
         raise ConfigError(f"the checkpoint in {c.out_dir} is at step {checkpoint['iter_num']} and max_iters is "
                           f"{c.max_iters}: nothing to train; raise --max_iters to continue the run")
+    old = saved["max_iters"]
+    pin_decay = c.max_iters != old and "lr_decay_iters" not in explicit and saved["lr_decay_iters"] == 0
+    pin_warmup = c.max_iters != old and "warmup_iters" not in explicit and saved["warmup_iters"] > old
+    if pin_decay or pin_warmup:  # the schedule would have followed max_iters: keep the one the run had
+        c.lr_decay_iters = old if pin_decay else c.lr_decay_iters  # the cosine ends where it ended
+        c.warmup_iters = old if pin_warmup else c.warmup_iters  # a run shorter than its warm-up warmed up over all
+        changed.append(f"the learning rate keeps the run's schedule (cosine to min_lr at step "
+                       f"{c.lr_decay_iters or c.max_iters}, min_lr after; --lr_decay_iters={c.max_iters} stretches "
+                       f"it over the new length instead)")
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"resume: the run's own settings, but this command changes {', '.join(changed)}")
+
+
+def same_path(key, a, b):  # a data folder named relatively here and absolutely in the checkpoint is the same one
+    if key == "data_dir":
+        return os.path.abspath(a) == os.path.abspath(b)
+    if key == "eval_data_dirs":
+        return [os.path.abspath(d) for d in a] == [os.path.abspath(d) for d in b]
+    return False
+
+
+def absolute_paths(c):
+    """The data folders as absolute paths, as the checkpoint keeps them: a resume from another working directory
+    reads the data the run read."""
+    return {"data_dir": os.path.abspath(c.data_dir), "eval_data_dirs": [os.path.abspath(d) for d in c.eval_data_dirs]}
 
 
 def clear_run(out_dir):
@@ -180,6 +213,18 @@ def read_log(path):
             print(f"note: the last line of {path} (line {i}) was cut short while being written; it is left out",
                   file=sys.stderr)
     return records
+
+
+def check_log_kept(path, iter_num, c):
+    """A resume rewrites the log's records after its checkpoint by training those steps again; one that would stop
+    before the log's last step (a checkpoint kept only at the best validation CE, then a shorter max_iters) would
+    delete records it never writes again: refused."""
+    last = max((r["iter"] for r in read_log(path)), default=0) if os.path.exists(path) else 0
+    if last > c.max_iters:
+        raise ConfigError(f"the log in {c.out_dir} reaches step {last}, but its checkpoint is at step {iter_num} and "
+                          f"max_iters={c.max_iters}: resuming would delete the records of steps {c.max_iters + 1}-"
+                          f"{last} without training them again; give --max_iters={last} or more, or copy the run "
+                          f"folder and resume the copy")
 
 
 def truncate_log(path, iter_num, log_interval=1):

@@ -8,6 +8,7 @@ Adding a config key: give it a default in train.py's DEFAULTS, a row in README.m
 """
 
 import ast
+import importlib.util
 import math
 import os
 from types import SimpleNamespace
@@ -39,7 +40,7 @@ FRACTION = ("dropout", "beta1", "beta2", "gapt_ema")  # in [0, 1)
 UNIT_INTERVAL = ("gapt_random_share",)  # in [0, 1]
 FREE_TEXT = ("out_dir", "wandb_project", "wandb_run_name", "data_dir", "device")  # any string (device: checked
 # against the machine by train.py)
-CHECKED_BELOW = ("init_from", "mbe_layers", "eval_data_dirs")  # by validate() itself
+CHECKED_BELOW = ("init_from", "mbe_layers", "eval_data_dirs", "gapt_version")  # by validate() itself
 
 
 def load_config(args, defaults, doc=""):
@@ -139,11 +140,27 @@ def validate(c, defaults):
     if c["mbe_patch_size"] and c["block_size"] % c["mbe_patch_size"]:
         raise ConfigError(f"block_size {c['block_size']} is not divisible by mbe_patch_size {c['mbe_patch_size']}; "
                           f"pick a patch size that divides it (or 0 for the whole sequence)")
+    if c["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
+                          f"{torch.__version__}): upgrade torch (pip install -r requirements.txt) or pass "
+                          f"--optimizer=adamw")
+    names = [os.path.basename(os.path.normpath(d)) for d in c["eval_data_dirs"]]
+    if len(set(names)) < len(names) or set(names) & {"train", "val", "test"}:
+        raise ConfigError(f"eval_data_dirs: their folder names ({', '.join(names)}) name their metrics (NAME_ce), "
+                          f"so they must differ from each other and from train, val and test; rename or link them")
     check_gapt_version(c, defaults)
     for key in ("out_dir", "data_dir", "device"):
         if not c[key].strip():
             raise ConfigError(f"config key {key!r} is empty; give it a value (python train.py --help lists the "
                               f"defaults)")
+    if c["wandb_log"] and importlib.util.find_spec("wandb") is None:  # before --overwrite_out_dir deletes anything
+        raise ConfigError("wandb_log=True needs the wandb package: pip install wandb, or leave wandb_log out")
+    if c["mbe_patch_size"] == 1:
+        raise ConfigError("mbe_patch_size=1 makes every MBE matrix one token, whose entropy is 0 whatever the model "
+                          "does: compression would train nothing; give 0 (the whole sequence) or 2 or more")
+    if c["mbe_weight"] == 0 and c["gapt_mode"] != "off":
+        raise ConfigError(f"mbe_weight=0 with gapt_mode={c['gapt_mode']!r}: the compression term is 0, so "
+                          f"compression would train nothing but CE; give mbe_weight > 0, or --gapt_mode=off")
     if c["min_lr"] > c["learning_rate"]:
         raise ConfigError(f"config key 'min_lr' ({c['min_lr']}) must not exceed learning_rate ({c['learning_rate']})")
     if c["n_embd"] % c["n_head"]:

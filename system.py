@@ -24,6 +24,8 @@ def setup_processes(c):
     if c.device == "auto":
         c.device = "cuda" if torch.cuda.is_available() else "cpu"
     kind, _, index = c.device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {c.device!r}")
     if kind == "cuda" and (not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()):
         raise ConfigError(f"device={c.device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s) (torch "
                           f"{torch.__version__}); use --device=cpu, or --device=auto to take what there is")
@@ -32,10 +34,6 @@ def setup_processes(c):
     if kind not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {c.device!r}")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if c.gradient_accumulation_steps % world:
-        raise ConfigError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} (the global count) must be "
-                          f"divisible by the number of processes ({world}): pass --gradient_accumulation_steps="
-                          f"{world * max(1, c.gradient_accumulation_steps // world)}")
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 0, 1
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -44,6 +42,15 @@ def setup_processes(c):
         torch.cuda.set_device(c.device)
     dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", timeout=timedelta(seconds=c.ddp_timeout))
     return True, rank, local_rank, world
+
+
+def micro_steps_per_process(c, world):
+    """gradient_accumulation_steps is the global count of micro-batches per step: each process runs its share."""
+    if c.gradient_accumulation_steps % world:
+        raise ConfigError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} (the global count) must be "
+                          f"divisible by the number of processes ({world}): pass --gradient_accumulation_steps="
+                          f"{world * max(1, c.gradient_accumulation_steps // world)}")
+    return c.gradient_accumulation_steps // world
 
 
 def setup_compute(c, device_type):

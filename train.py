@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignment import gradient_alignment
-from checkpoint import MODEL_KEYS, clear_run, finite_json, open_run, restore, rng_states, save_checkpoint
+from checkpoint import MODEL_KEYS, absolute_paths, clear_run, finite_json, open_run, restore, rng_states, save_checkpoint
 from configurator import ConfigError, explicit_keys, load_config as parse_config
 from gapt_versions import (VERSIONS, common_settings, gate_state_dict, load_gate_state, middle_blocks, record_switch,
                            register)
@@ -32,7 +32,7 @@ from hub import load_pretrained_state
 from mbe import compiled_patched_mbe, patched_mbe
 from model import GPT, GPTConfig
 from evaluation import evaluate, load_data, setup_line, summary_lines, train_line
-from system import (all_reduce_mean, run_main, setup_compute, setup_processes, start_wandb, step_means, step_optimizers,
+from system import (all_reduce_mean, micro_steps_per_process, run_main, setup_compute, setup_processes, start_wandb, step_means, step_optimizers,
                     to_device)
 
 # -----------------------------------------------------------------------------
@@ -371,14 +371,14 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
     ddp, rank, local_rank, world = setup_processes(c)
     master = rank == 0
     device_type = "cuda" if c.device.startswith("cuda") else c.device.split(":")[0]
+    # out_dir: the run to resume or evaluate, or a fresh one; the model's shape from a checkpoint or OpenAI's GPT-2.
+    # From here on c is complete: nothing above reads a setting a resume may bring back
+    checkpoint, pretrained_dir = open_run(c, DEFAULTS, explicit_keys(sys.argv[1:]))
     N = c.gradient_accumulation_steps  # micro-batches per optimizer step, over all processes
-    micro_steps = N // world  # per process (setup_processes checked it divides)
+    micro_steps = micro_steps_per_process(c, world)
     tokens_per_step = N * c.batch_size * c.block_size
     ptdtype, autocast = setup_compute(c, device_type)
     torch.manual_seed(c.seed + rank)  # dropout differs per rank; the data order does not (data_rng below)
-
-    # out_dir: the run to resume or evaluate, or a fresh one; the model's shape from a checkpoint or OpenAI's GPT-2
-    checkpoint, pretrained_dir = open_run(c, DEFAULTS, explicit_keys(sys.argv[1:]))
     if master:  # (a resume has named what this command changes first)
         print(f"gapt_mode={c.gapt_mode}: " + ("CE only" if c.gapt_mode == "off" else
                                              f"gapt_version={c.gapt_version}, {VERSIONS[c.gapt_version].description}"))
@@ -464,7 +464,8 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
             if master and iter_num > 0 and (improved or c.always_save_checkpoint):
                 save_checkpoint(os.path.join(c.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                    "scaler": scaler.state_dict(), "model_args": asdict(gptconf), "config": vars(c),
+                    "scaler": scaler.state_dict(), "model_args": asdict(gptconf),
+                    "config": {**vars(c), **absolute_paths(c)},
                     "iter_num": iter_num, "best_val_loss": best_val_loss, "gapt": gapt.state_dict(),
                     "compress_steps": compress_steps, "data_rng": data_rng.get_state(), "rng": rngs,
                     "interval": interval})

@@ -46,7 +46,10 @@ def test_a_resume_without_the_config_continues_the_run_it_resumes(token_data, tm
 
 @pytest.mark.parametrize("args, message", [
     (["--max_iters=2"], "nothing to train; raise --max_iters"),
-    (["--max_iters=6", "--gapt_version=later"], "cannot continue as 'later'"),
+    (["--max_iters=6", "--gapt_version=later"], "cannot continue as another version"),
+    (["--max_iters=6", "--seed=5"], "a new seed would only move the evaluation windows"),
+    (["--max_iters=6", "--n_layer=4"], "has n_layer=3: the weights would not fit"),
+    (["--max_iters=6", "--optimizer=muon"], "its optimizer state belongs to that optimizer"),
 ])
 def test_a_resume_that_cannot_continue_the_run_is_one_line(token_data, tmp_path, args, message):
     out = str(tmp_path / "run")
@@ -267,15 +270,16 @@ def test_two_writers_on_one_data_folder_the_second_stops_naming_the_first(tmp_pa
 
 @pytest.mark.parametrize("arg, message", [("--out_dir={file}", "cannot be used as a folder to write into"),
                                           ("--out_dir=", "config key 'out_dir' is empty"),
-                                          ("--wandb_log=True", "wandb_log=True needs the wandb package")])
+                                          ("--wandb_log=True --out_dir={tmp}/run",
+                                           "wandb_log=True needs the wandb package")])
 def test_file_system_and_package_errors_are_one_line(token_data, tmp_path, arg, message):
     import importlib.util
     if "wandb" in arg and importlib.util.find_spec("wandb"):
         pytest.skip("wandb is installed here")
     afile = tmp_path / "afile"
     afile.write_text("")
-    result = run_train(*TINY, f"--data_dir={token_data}", arg.format(file=afile), "--max_iters=1", check=False,
-                       env={"PWD": str(tmp_path)})
+    result = run_train(*TINY, f"--data_dir={token_data}", *arg.format(file=afile, tmp=tmp_path).split(),
+                       "--max_iters=1", check=False, env={"PWD": str(tmp_path)})  # every out_dir a temporary one
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
