@@ -205,7 +205,11 @@ def read_log(path):
     records = []
     for i, line in lines:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if not isinstance(record, dict) or "iter" not in record or "kind" not in record:
+                raise CheckpointError(f"{path} line {i} is JSON but not a record of train.py's log (no iter and kind):"
+                                      f" is this a run's log.jsonl?")
+            records.append(record)
         except ValueError:
             if i != lines[-1][0]:
                 raise CheckpointError(f"{path} line {i} is not a JSON record; remove that line (or the log) and "

@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from checkpoint import read_log
+from checkpoint import RUNTIME_KEYS, CheckpointError, read_log
 from configurator import ConfigError
 from gapt_versions import SWITCH_REASONS
 from train import load_config
@@ -66,17 +66,28 @@ def parse_spec(spec):
 
 
 def check_identity(out_dir, identity, record=False):
-    """A run is its arguments: out_dir/run.json records those it was started with, and a call that asks for other
-    ones in the same out_dir is an error naming the difference (a changed run would be tabulated as the old one)."""
+    """A run is its arguments and the settings they give (config files read now: an edited file is another run):
+    out_dir/run.json records those it was started with, and a call that asks for other ones in the same out_dir is
+    an error naming the difference (a changed run would be tabulated as the old one)."""
     path = os.path.join(out_dir, "run.json")
     if os.path.exists(path):
-        with open(path) as f:
-            started = json.load(f)
-        if started != identity:
-            differing = [k for k in identity if started.get(k) != identity[k]]
-            sys.exit(f"error: {out_dir} was started with {', '.join(f'{k}={started.get(k)!r}' for k in differing)}, "
-                     f"but this call asks for {', '.join(f'{k}={identity[k]!r}' for k in differing)}; use another "
-                     f"--out_root for the new runs, or the arguments of the old ones")
+        try:
+            with open(path) as f:
+                started = json.load(f)
+            assert isinstance(started, dict)
+        except (ValueError, AssertionError, UnicodeDecodeError):
+            sys.exit(f"error: {path} is damaged (not the JSON record experiment.py writes); if the run is this call's, "
+                     f"delete that file and run this again (it is written anew), else use another --out_root")
+        differing = [k for k in identity if k in started and k != "settings" and started[k] != identity[k]]
+        differing += [f"settings.{k}" for k in identity["settings"] if k in started.get("settings", {})
+                      and started["settings"][k] != identity["settings"][k]]  # run.json before settings: unchecked
+        if differing:
+            def value(record, key):
+                return record["settings"][key[9:]] if key.startswith("settings.") else record.get(key)
+            sys.exit(f"error: {out_dir} was started with {', '.join(f'{k}={value(started, k)!r}' for k in differing)}, "
+                     f"but this call asks for {', '.join(f'{k}={value(identity, k)!r}' for k in differing)} (a "
+                     f"config file edited since, or other arguments); use another --out_root for the new runs, or "
+                     f"the arguments and config files of the old ones")
     elif record:  # a run starting (runs from before run.json have none, and are left unchecked)
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
@@ -314,14 +325,24 @@ def table(results):
     return "\n".join(lines)
 
 
+def identity_of(config, overrides, train_args, seed, settings):
+    return {"configs": config.split(","), "overrides": overrides, "train_args": train_args, "seed": seed,
+            "settings": settings}
+
+
 def default_threads(jobs):
     """torch threads per run when --threads is not given: the machine's cores shared among the runs."""
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def max_iters_of(config, overrides):
-    """The run's max_iters, from train.py's own config loading (so files and overrides count as they do there)."""
-    return load_config([*config.split(","), *[f"--{o}" for o in overrides]]).max_iters
+PER_RUN_KEYS = ("seed", "out_dir", "overwrite_out_dir", "init_from", "num_threads")  # what this script sets per run
+
+
+def settings_of(config, overrides, train_args):
+    """The run's settings, from train.py's own config loading (files, overrides and train_args count as they do
+    there), without what this script sets per run and how it runs (RUNTIME_KEYS)."""
+    c = vars(load_config([*config.split(","), *[f"--{o}" for o in overrides], *train_args]))
+    return {k: v for k, v in c.items() if k not in PER_RUN_KEYS and k not in RUNTIME_KEYS}
 
 
 def main(argv=None):
@@ -351,21 +372,25 @@ def main(argv=None):
         if not os.path.isfile(path):
             parser.error(f"config {path!r} not found")
     threads = args.threads or default_threads(args.jobs)
+    own = sorted({a[2:].partition("=")[0] for a in args.train_args if a.startswith("--")} & set(PER_RUN_KEYS))
+    if own:
+        parser.error(f"--train_args sets {', '.join(own)}, which experiment.py sets for every run itself (each run "
+                     f"its seed from --seeds and its own folder under --out_root): leave them out")
     runs = []
     for config, overrides in specs:
         try:
-            max_iters = max_iters_of(config, overrides + args.set)
+            settings = settings_of(config, overrides + args.set, args.train_args)
         except ConfigError as e:
             parser.error(f"--configs {'+'.join([config, *overrides])}: {e}")
+        max_iters = settings["max_iters"]
         name = run_name(config, overrides + args.set)
         if len(name) > 200 or "/" in name:
             parser.error(f"the run name {name[:60]}... (the last config file and the overrides, --set included) is "
                          f"too long for a folder or holds a '/': pass such settings with --train_args (not named)")
         for seed in args.seeds:
             out_dir = os.path.join(args.out_root, f"{name}-s{seed}")
-            runs.append((config, overrides, seed, out_dir, max_iters))
-            check_identity(out_dir, {"configs": config.split(","), "overrides": overrides + args.set,
-                                     "train_args": args.train_args, "seed": seed})
+            runs.append((config, overrides, seed, out_dir, max_iters, settings))
+            check_identity(out_dir, identity_of(config, overrides + args.set, args.train_args, seed, settings))
 
     if not args.table_only:
         pending, active = list(runs), []
@@ -377,13 +402,14 @@ def main(argv=None):
         try:
             while pending or active:
                 while pending and len(active) < args.jobs:
-                    config, overrides, seed, out_dir, max_iters = pending.pop(0)
+                    config, overrides, seed, out_dir, max_iters, settings = pending.pop(0)
                     if is_finished(out_dir, max_iters):
+                        open(os.path.join(out_dir, "done"), "a").close()  # (killed before it marked a finished run)
                         print(f"[skip] {out_dir} is finished")
                         continue
                     os.makedirs(out_dir, exist_ok=True)
-                    check_identity(out_dir, {"configs": config.split(","), "overrides": overrides + args.set,
-                                             "train_args": args.train_args, "seed": seed}, record=True)
+                    check_identity(out_dir, identity_of(config, overrides + args.set, args.train_args, seed, settings),
+                                   record=True)
                     wait_until_free(out_dir)
                     resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
                     cmd = [sys.executable, os.path.join(HERE, "train.py"), *config.split(","), f"--seed={seed}",
@@ -415,7 +441,7 @@ def main(argv=None):
                 proc.wait()
 
     results = {}
-    for config, overrides, seed, out_dir, max_iters in runs:
+    for config, overrides, seed, out_dir, max_iters, _ in runs:
         metrics = final_metrics(out_dir, max_iters)
         if metrics is None:
             print(f"[missing] {out_dir} has no finished run", file=sys.stderr)
@@ -428,4 +454,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointError as e:  # a damaged log.jsonl
+        sys.exit(f"error: {e}")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, read_log
 
 import experiment as me
 from gapt_versions import SWITCH_REASONS
@@ -105,5 +105,68 @@ def test_a_row_may_be_several_config_files_applied_in_order():
     assert me.run_name(config, overrides) == "kernel_docs_overfit+gapt_mode_gapt"
     base, overfit = (os.path.join(REPO, "config", f"kernel_docs_{n}.py") for n in ("baseline", "overfit"))
     from train import load_config
-    assert me.max_iters_of(f"{base},{overfit}", overrides) == load_config([overfit]).max_iters != \
+    assert me.settings_of(f"{base},{overfit}", overrides, [])["max_iters"] == load_config([overfit]).max_iters != \
         load_config([base]).max_iters  # the second file's value, over the first's
+
+
+def test_a_sweeps_runs_are_its_own(tmp_path, token_data):
+    """--train_args may not set what experiment.py sets per run; a run's identity covers its settings, so a config
+    file edited between two calls is refused rather than tabulated as the old run; a damaged run.json or log.jsonl is
+    one line; is_finished counts --train_args' max_iters."""
+    def call(*args):
+        return subprocess.run([sys.executable, os.path.join(REPO, "experiment.py"), "--out_root", str(tmp_path / "sweep"),
+                               *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    config = tmp_path / "row.py"
+    config.write_text(f"data_dir = {token_data!r}\ngapt_mode = 'off'\nn_layer = 2\nn_head = 2\nn_embd = 16\n"
+                      f"block_size = 16\nbatch_size = 2\nmax_iters = 4\neval_interval = 2\neval_iters = 1\n"
+                      f"optimizer = 'adamw'\nlog_interval = 1\n")
+    for key in ("seed=5", "out_dir=x", "overwrite_out_dir=True"):
+        result = call("--configs", str(config), "--seeds", "0", "--train_args", f"--{key}")
+        assert result.returncode == 2 and "which experiment.py sets for every run itself" in result.stderr
+    result = call("--configs", str(config), "--seeds", "0", "--train_args", "--max_iters=2")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "sweep" / "row-s0"
+    os.remove(run / "done")  # killed after the run finished, before `done`: finished by its own max_iters (2)
+    result = call("--configs", str(config), "--seeds", "0", "--train_args", "--max_iters=2")
+    assert result.returncode == 0 and "[skip]" in result.stdout, result.stdout + result.stderr
+    config.write_text(config.read_text().replace("n_layer = 2", "n_layer = 3"))  # edited between two calls
+    result = call("--configs", str(config), "--seeds", "0", "--train_args", "--max_iters=2")
+    assert result.returncode == 1 and "settings.n_layer=2" in result.stderr and "settings.n_layer=3" in result.stderr
+    config.write_text(config.read_text().replace("n_layer = 3", "n_layer = 2"))
+    (run / "log.jsonl").write_text('{"iter": 1, "kind": "train"}\n[1, 2]\n{"iter": 2, "kind": "eval"}\n')
+    result = call("--configs", str(config), "--seeds", "0", "--table_only", "--train_args", "--max_iters=2")
+    assert result.returncode == 1 and "line 2" in result.stderr and "Traceback" not in result.stderr
+    (run / "run.json").write_text("{broken")
+    result = call("--configs", str(config), "--seeds", "0", "--train_args", "--max_iters=2")
+    assert result.returncode == 1 and "run.json is damaged" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_sweep_killed_at_random_moments_finishes_when_started_again(tmp_path, token_data):
+    """kill -9 of experiment.py at random moments (its runs get SIGTERM as it dies), then the same call again: every
+    run finishes, marked done, with the log records of a sweep that was never killed."""
+    import random
+    config = tmp_path / "row.py"
+    config.write_text(f"data_dir = {token_data!r}\ngapt_mode = 'off'\nn_layer = 2\nn_head = 2\nn_embd = 16\n"
+                      f"block_size = 16\nbatch_size = 2\nmax_iters = 12\neval_interval = 3\neval_iters = 1\n"
+                      f"optimizer = 'adamw'\nlog_interval = 1\nlr_decay_iters = 12\n")
+    def command(root):
+        return [sys.executable, os.path.join(REPO, "experiment.py"), "--out_root", str(root), "--jobs", "2",
+                "--threads", "1", "--seeds", "0", "1", "--configs", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    for _ in range(4):
+        proc = subprocess.Popen(command(tmp_path / "killed"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 8.0))
+        proc.kill()
+        proc.wait()
+    for root in ("killed", "straight"):
+        result = subprocess.run(command(tmp_path / root), cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    timing = ("ms_per_iter", "tokens_per_s", "mfu")
+    for seed in (0, 1):
+        logs = [[{k: v for k, v in r.items() if k not in timing} for r in read_log(str(tmp_path / root / f"row-s{seed}"))]
+                for root in ("killed", "straight")]
+        assert logs[0] == logs[1] and os.path.exists(tmp_path / "killed" / f"row-s{seed}" / "done")
