@@ -43,8 +43,8 @@ def open_run(c, defaults, explicit=()):
     unless told to overwrite it (clear_run deletes the old run once everything else has been checked); eval_only
     reads the run and writes nothing."""
     ckpt_path, log_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "log.jsonl")
-    if int(os.environ.get("RANK", 0)) == 0 and (not c.eval_only or os.path.isdir(c.out_dir)):
-        lock_folder(c.out_dir)
+    if int(os.environ.get("RANK", 0)) == 0 and (not c.eval_only or os.access(c.out_dir, os.W_OK)):
+        lock_folder(c.out_dir)  # (eval_only writes nothing: a run the user may only read is read without the lock)
     if c.init_from == "resume" or (c.eval_only and c.init_from == "scratch"):
         if c.eval_only and not os.path.exists(ckpt_path):
             raise CheckpointError(f"eval_only evaluates the run in out_dir, but {ckpt_path} does not exist; point "

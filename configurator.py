@@ -102,8 +102,12 @@ def read_config_file(path):
 
 def checked(defaults, key, value, source):
     if key not in defaults:
-        close = [k for k in defaults if k.split("_")[0] == key.split("_")[0]] or sorted(defaults)
-        raise ConfigError(f"unknown config key {key!r} in {source}; known keys like it: {', '.join(close)}")
+        close = [k for k in defaults if k.split("_")[0] == key.split("_")[0]]
+        private = "" if source.startswith("--") else (f"; a config file's own helper names (and imported names) start "
+                                                      f"with _ and are not keys: _{key} = ...")
+        raise ConfigError(f"unknown config key {key!r} in {source}" + (
+            f"; known keys like it: {', '.join(close)}" if close else "; python train.py --help lists the keys")
+            + private)
     default = defaults[key]
     allowed = KEY_TYPES.get(key, (type(default),))
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

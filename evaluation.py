@@ -5,19 +5,25 @@ task's own evaluation), the evaluation of every split, and its stdout lines. Not
 
 import glob
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from configurator import ConfigError
 from mbe import patched_mbe
-from shards import TokenWindows, check_same_tokens, read_meta
+from shards import DataError, TokenWindows, check_same_tokens, read_meta
 from system import to_device
 
 
 def load_data(c):
     """The training windows; every split an evaluation measures (train, val, test where prepared, and the val split of
     each eval_data_dirs corpus, named after its folder); the task's own evaluation, if the data has one."""
+    if not os.path.isdir(c.data_dir):
+        command = preparation_command(c.data_dir, [a for a in sys.argv[1:] if not a.startswith("--")])
+        raise DataError(f"data directory {c.data_dir!r} does not exist; " + (
+            f"prepare it with: {command}" if command else "create it with `python prepare_mult.py` (the "
+            "multiplication task) or `python prepare_fineweb.py` (text), or set --data_dir"))
     meta = read_meta(c.data_dir)
     c.vocab_size = c.vocab_size or int(meta.get("vocab_size", 0))
     if not c.vocab_size:
@@ -32,6 +38,26 @@ def load_data(c):
         import prepare_mult
         task_eval = prepare_mult.make_evaluator(c.data_dir, meta, c.device, c.block_size)
     return splits["train"], splits, task_eval
+
+
+def preparation_command(data_dir, config_files):
+    """The command that prepares data_dir, as the config files' header comments give it (a `python prepare_...`
+    line, with its continuation lines, that names --out_dir=data_dir), or None."""
+    for path in config_files:
+        try:
+            lines = open(path).read().splitlines()
+        except OSError:
+            continue
+        for i, line in enumerate(lines):
+            if "python prepare_" not in line:
+                continue
+            command = line.lstrip("# ").strip()
+            while command.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                command = command[:-1].rstrip() + " " + lines[i].lstrip("# ").strip()
+            if f"--out_dir={os.path.normpath(data_dir)}" in command.replace("--out_dir ", "--out_dir="):
+                return command
+    return None
 
 
 @torch.no_grad()

@@ -132,6 +132,13 @@ def step_optimizers(optimizers, scaler, model, grad_clip):
         opt.zero_grad(set_to_none=True)
 
 
+def where_to_continue(config):  # the advice after a stop: resume if there is a checkpoint to resume
+    ckpt = os.path.join(config.out_dir, "ckpt.pt") if config else None
+    if ckpt and os.path.exists(ckpt):
+        return f"the last checkpoint is in {config.out_dir}: continue with --init_from=resume"
+    return "no checkpoint was written yet: start the run again with the same command"
+
+
 def run_main(main, load_config, argv):
     """main(load_config(argv)); a bad input or setting, a stalled or dead process under torchrun, or Ctrl-C ends it
     with one line on stderr that says what happened and what to do (exit status 1; 130 for Ctrl-C)."""
@@ -147,14 +154,14 @@ def run_main(main, load_config, argv):
                                                               any(w in str(e).lower() for w in lost)):
             raise
         sys.exit(f"error: another process stalled or died (no answer within ddp_timeout={config.ddp_timeout} s; "
-                 f"{type(e).__name__}), so every process stops; the last checkpoint is in {config.out_dir}: "
-                 f"continue with --init_from=resume (if no process died: rank 0 alone runs the task's evaluation and "
-                 f"writes the checkpoint, which can take longer than ddp_timeout: raise --ddp_timeout)")
+                 f"{type(e).__name__}), so every process stops; {where_to_continue(config)} (if no process died: "
+                 f"rank 0 alone runs the task's evaluation and writes the checkpoint, which can take longer than "
+                 f"ddp_timeout: raise --ddp_timeout)")
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        sys.exit(f"error: no space left on the disk ({e.filename or e}); free some space, then continue with "
-                 f"--init_from=resume")
+        sys.exit(f"error: no space left on the disk ({e.filename or e}); free some space, then "
+                 f"{where_to_continue(config)}")
     except KeyboardInterrupt:
         ckpt = os.path.join(config.out_dir, "ckpt.pt") if config else None
         print("\ninterrupted; " + (f"the last checkpoint is {ckpt}: continue with the same command and "

@@ -290,3 +290,57 @@ def test_prepare_onto_a_file_and_experiment_with_a_broken_override_are_one_line(
     assert result.returncode == 1 and "cannot be used as a folder" in result.stderr and "Traceback" not in result.stderr
     result = experiment("--table_only", "--configs", "config/mult_gapt.py+max_iters", check=False)
     assert result.returncode == 2 and "must look like --key=value" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_data_folder_names_the_configs_own_preparation(tmp_path):
+    config = tmp_path / "text.py"
+    config.write_text("# Prepare the data once:\n#   python prepare_fineweb.py --local_files corpus.jsonl \\\n"
+                      f"#       --out_dir={tmp_path}/nodata --val_tokens=100\n"
+                      f"data_dir = '{tmp_path}/nodata'\n")
+    result = run_train(str(config), "--max_iters=1", f"--out_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"prepare it with: python prepare_fineweb.py --local_files corpus.jsonl --out_dir={tmp_path}/nodata " \
+           f"--val_tokens=100" in result.stderr
+
+
+def test_an_interrupted_preparation_says_to_run_it_again(token_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(token_data, data)
+    os.remove(data / "meta.json")
+    (data / "prepare.json").write_text("{}")
+    result = run_train(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--max_iters=1", check=False)
+    assert result.returncode == 1 and "was interrupted" in result.stderr and "--vocab_size" not in result.stderr
+
+
+def test_a_config_files_helper_names_are_named_private(tmp_path):
+    config = tmp_path / "helpers.py"
+    config.write_text("steps = 10\nmax_iters = steps\n")
+    result = run_train(str(config), f"--out_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 1 and "unknown config key 'steps'" in result.stderr
+    assert "start with _" in result.stderr and "Traceback" not in result.stderr
+    config.write_text("_steps = 10\nmax_iters = _steps\nfrom math import pi as _pi\n")
+    from train import load_config
+    assert load_config([str(config)]).max_iters == 10
+
+
+def test_eval_only_reads_a_run_the_user_may_only_read(token_data, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root may write anywhere: a read-only folder cannot be made here")
+    out = tmp_path / "run"
+    run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
+    os.chmod(out, 0o555)
+    try:
+        result = run_train(*TINY, f"--data_dir={token_data}", f"--out_dir={out}", "--eval_only=True", check=False)
+        assert result.returncode == 0, result.stderr
+    finally:
+        os.chmod(out, 0o755)
+
+
+def test_advice_after_a_stop_resumes_only_where_there_is_a_checkpoint(tmp_path):
+    from types import SimpleNamespace
+    from system import where_to_continue
+    c = SimpleNamespace(out_dir=str(tmp_path))
+    assert "start the run again" in where_to_continue(c) and "--init_from=resume" not in where_to_continue(c)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    assert "--init_from=resume" in where_to_continue(c)
