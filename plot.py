@@ -12,6 +12,7 @@ Compression phases are shaded on every panel, in each run's colour. Runs overlay
 
 import argparse
 import csv
+import errno
 import os
 import sys
 
@@ -19,20 +20,100 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 
 from checkpoint import CheckpointError, read_log  # noqa: E402
 
 CSV_COLUMNS = ["run", "iter", "kind", "phase", "loss", "ce", "mbe", "val_ce", "val_mbe", "align_cos", "align_ms"]
 
 
+# the fields plot() reads in each kind of record, and whether each is a number or a list of numbers
+FIELDS = {"train": {"iter": "number", "ce": "number", "mbe": "number", "phase": "number"},
+          "eval": {"iter": "number", "val_ce": "number", "val_mbe": "number", "val_mbe_layers": "numbers"},
+          "align": {"iter": "number"}, "switch": {"iter": "number", "phase": "number"}}
+
+
 def read_run(out_dir):
+    """A run's log records (out_dir, or its log.jsonl); a log that is not train.py's is one line (sys.exit)."""
     path = os.path.join(out_dir, "log.jsonl") if os.path.isdir(out_dir) else out_dir
     if not os.path.exists(path):
         sys.exit(f"error: {path} not found (pass run directories that hold a log.jsonl)")
     try:
-        return read_log(path)
+        records = read_log(path)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot read {path} ({e.strerror}); pass a run directory (or log.jsonl) you may read")
+    check_records(path, records)
+    return records
+
+
+def check_records(path, records):
+    """Exits with one line naming the first record that lacks a field plot() reads (a log of another program)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    layers = None
+    for r in records:
+        for key, kind in FIELDS.get(r.get("kind"), {}).items():
+            value = r.get(key)
+            ok = number(value) if kind == "number" else (isinstance(value, list) and all(number(v) for v in value)
+                                                         and layers in (None, len(value)))
+            if not ok:
+                sys.exit(f"error: {path}: the {r.get('kind')!r} record of iter {r.get('iter')!r} has no usable "
+                         f"{key!r} ({'a number' if kind == 'number' else 'a list of numbers, one per layer'}): is "
+                         f"this the log.jsonl of a train.py run? Pass run directories that hold one")
+            if kind == "numbers":
+                layers = len(value)
+        if r.get("kind") == "align" and not (r.get("align_cos") is None or number(r.get("align_cos"))):
+            sys.exit(f"error: {path}: the 'align' record of iter {r.get('iter')!r} has a non-numeric 'align_cos': is "
+                     f"this the log.jsonl of a train.py run? Pass run directories that hold one")
+
+
+def image_format(output):
+    """The output's format from its extension (png where it has none, as matplotlib does); one line if Agg cannot
+    write it."""
+    ext = os.path.splitext(output)[1][1:].lower()
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if ext and ext not in supported:
+        sys.exit(f"error: -o {output}: {ext!r} is not an image format plot.py can write; end the name with one of "
+                 f"{', '.join('.' + f for f in sorted(supported))} (e.g. .png)")
+    return ext or "png"
+
+
+def check_writable(path, option):
+    """Exits with one line if path cannot be written: its folder is missing or read-only, or it is a folder."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        sys.exit(f"error: {option} {path}: the folder {folder} does not exist; create it first (mkdir -p {folder}) "
+                 f"or write elsewhere")
+    if os.path.isdir(path):
+        sys.exit(f"error: {option} {path} is a folder; give a file name (e.g. {os.path.join(path, 'gapt.png')})")
+    if not os.access(folder, os.W_OK):
+        sys.exit(f"error: {option} {path}: you may not write into {folder}; write elsewhere")
+
+
+def write_atomically(path, write):
+    """write(tmp) then rename tmp to path: an existing file is replaced only by a complete one; a failure is one line
+    and leaves no temporary file behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        sys.exit(f"error: cannot write {path} ({e.strerror}): " + (
+            f"the disk holding {os.path.dirname(os.path.abspath(path))} is full; free space there, or write elsewhere"
+            if full else "write elsewhere"))
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def compression_spans(records):
@@ -55,7 +136,7 @@ def compression_spans(records):
     return spans
 
 
-def plot(runs, output, smooth=1):
+def plot(runs, output, smooth=1, fmt=None):
     fig, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2, 1]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (label, records) in enumerate(runs):
@@ -114,8 +195,10 @@ def plot(runs, output, smooth=1):
         ax.grid(alpha=0.3)
     axes[0].set_title("shaded: compression phases")
     fig.tight_layout()
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(output, dpi=100, format=fmt)
+    finally:
+        plt.close(fig)
 
 
 def moving_average(values, window):
@@ -163,10 +246,16 @@ def main(argv=None):
     labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if len(labels) != len(args.runs):
         parser.error("--labels needs one label per run")
-    runs = [(label, read_run(r)) for label, r in zip(labels, args.runs)]
     if args.smooth < 1:
         parser.error("--smooth must be at least 1")
-    plot(runs, args.output, args.smooth)
+    fmt = image_format(args.output)  # every argument checked before anything is read or drawn
+    output = args.output if os.path.splitext(args.output)[1] else f"{args.output}.{fmt}"
+    check_writable(output, "-o")
+    if args.csv:
+        check_writable(args.csv, "--csv")
+    runs = [(label, read_run(r)) for label, r in zip(labels, args.runs)]  # reads only: no lock, nothing written there
+    write_atomically(output, lambda tmp: plot(runs, tmp, args.smooth, fmt))
+    args.output = output
     print(f"wrote {args.output}")
     for label, records in runs:
         for window in sorted({1, args.smooth}):
@@ -176,7 +265,7 @@ def main(argv=None):
                 print(f"{label}: {points} gradient-alignment points from step {args.transient}: {what} changes sign "
                       f"{changes} times, positive {positive:.0%} of the time, mean |value| {mean_abs:.3f}")
     if args.csv:
-        write_csv(runs, args.csv)
+        write_atomically(args.csv, lambda tmp: write_csv(runs, tmp))
         print(f"wrote {args.csv}")
 
 

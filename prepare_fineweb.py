@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from shards import DataError, claim_folder, read_shard, write_shard
+from shards import DataError, claim_folder, read_prepare_record, read_shard, remove_quietly, write_error, write_shard
 
 EOT = 50256  # <|endoftext|> in GPT-2's vocabulary
 ENCODING = "r50k_base"  # GPT-2's BPE (same ranks, pattern and special token as tiktoken's "gpt2")
@@ -202,8 +202,14 @@ def completed_shards(out_dir, test_split):
         path = os.path.join(out_dir, shard_name(done, test_split))
         if not (os.path.exists(path + ".json") and os.path.exists(path)):
             return done, resume
-        with open(path + ".json") as f:
-            resume = json.load(f)
+        try:
+            with open(path + ".json") as f:
+                position = json.load(f)
+        except ValueError:  # a damaged sidecar: that shard is written again
+            return done, resume
+        if not (isinstance(position, dict) and {"docs", "offset", "tokens"} <= set(position)):
+            return done, resume
+        resume = position
         done += 1
 
 
@@ -212,14 +218,28 @@ def split_tokens(out_dir, split):
 
 
 def write_json(path, obj):
+    """obj as JSON at path, atomically (a temporary file renamed into place); a failed write (a full disk) removes
+    the temporary file and exits with one line."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        remove_quietly(tmp)
+        sys.exit(f"error: {write_error(path, e)}")
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def write_shard_with_sidecar(path, tokens, position):
-    write_shard(path, tokens)
+    """A shard, then the sidecar that marks it complete; a failed write (a full disk) exits with one line: the rerun
+    continues after the last complete shard (write_shard leaves no temporary file)."""
+    try:
+        write_shard(path, tokens)
+    except OSError as e:
+        sys.exit(f"error: {write_error(path, e)}")
     write_json(path + ".json", position)
 
 
@@ -234,8 +254,10 @@ def check_request(out_dir, request):
                      f"(an older prepare_fineweb.py or another script wrote them), so this run cannot continue them; "
                      f"{afresh}")
         return
-    with open(path) as f:
-        recorded = json.load(f)
+    try:
+        recorded = read_prepare_record(out_dir)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     changed = [f"{key}={request[key]} (was {recorded.get(key)})" if key != "source" else
                "the input: local files and their sizes, or the hub dataset" for key in request
                if recorded.get(key) != request[key]]
@@ -282,9 +304,12 @@ def main(argv=None):
     done, position = completed_shards(args.out_dir, test_split)
     meta_path = os.path.join(args.out_dir, "meta.json")
     if done and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("shards") == done:
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except ValueError:  # damaged: it is written again at the end
+            meta = {}
+        if isinstance(meta, dict) and meta.get("shards") == done and "tokens" in meta:
             print(f"{args.out_dir} is complete: {done} shards, {meta['tokens']:,} tokens; nothing to do")
             return
 

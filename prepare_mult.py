@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards import DataError, claim_folder, write_shard
+from shards import DataError, claim_folder, remove_quietly, write_error, write_shard
 
 VOCAB = "0123456789*=\n"
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
@@ -228,6 +228,18 @@ def make_evaluator(data_dir, meta, device, block_size):
     return evaluate
 
 
+def write_json(path, obj):
+    """obj as JSON at path, atomically: a temporary file renamed into place, removed if the write fails."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="data/mult")
@@ -266,12 +278,15 @@ def main(argv=None):
         claim_folder(args.out_dir, "prepare_mult.py", settings)  # one writer; never into a run or another's data
     except DataError as e:
         parser.exit(1, f"error: {e}\n")
-    write_shard(os.path.join(args.out_dir, "train_000000.bin"), train)
-    write_shard(os.path.join(args.out_dir, "val_000000.bin"), val)
-    tmp = os.path.join(args.out_dir, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, os.path.join(args.out_dir, "meta.json"))
+    path = None
+    try:  # a full disk is one line, and leaves no temporary file behind (meta.json, written last, stays missing)
+        for name, tokens in (("train_000000.bin", train), ("val_000000.bin", val)):
+            path = os.path.join(args.out_dir, name)
+            write_shard(path, tokens)
+        path = os.path.join(args.out_dir, "meta.json")
+        write_json(path, meta)
+    except OSError as e:
+        parser.exit(1, f"error: {write_error(path, e)}\n")
     longest = meta["eval_block_size"]
     print(f"wrote {args.out_dir}: {len(train):,} train tokens ({args.train_examples:,} examples), {len(val):,} val "
           f"tokens, {args.eval_examples} ID + {args.eval_examples} OOD + {args.eval_examples} near-OOD evaluation "

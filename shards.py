@@ -5,10 +5,12 @@ training/evaluation windows train.py draws from them. prepare_mult.py and prepar
 write_shard; train.py reads them.
 """
 
+import errno
 import fcntl
 import glob
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -31,18 +33,45 @@ def write_shard(path, tokens):
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint16).tobytes())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written temporary file is left behind
+        remove_quietly(tmp)
+        raise
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def write_error(path, error):
+    """One line for an OSError met while writing path: a full disk says so and where."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk holding {folder} is full (writing {os.path.basename(path)} failed: {error.strerror}); "
+                f"free space there (or choose another --out_dir) and run the same command again")
+    return f"cannot write {path} ({error.strerror}); make {folder} writable (or choose another --out_dir) and run again"
 
 
 def read_shard(path, hint=None):
     """Memory-map a shard's tokens after checking its header; a clear DataError says what is wrong."""
     hint = hint or (f"prepare the data again into an empty folder: move {os.path.dirname(path) or '.'} aside first "
                     f"(the prepare scripts keep the shards they find, so a rerun into it changes nothing)")
-    size = os.path.getsize(path)
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DataError(f"{path} is a broken symbolic link: it points to {os.readlink(path)}, which does not exist; "
+                        f"link it to the shard again (ln -sfn SHARD {path}, e.g. an llm.c fineweb_*.bin shard) or "
+                        f"remove it")
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror}); make it a readable token shard, or remove it") from None
     if size < HEADER_INTS * 4 and (len(header) == 0 or header[0] == SHARD_MAGIC):
         promised = (f" and 2 bytes for each of the {header[2]} tokens its header promises "
                     f"({HEADER_INTS * 4 + 2 * int(header[2])} bytes in all)" if len(header) >= 3 else "")
@@ -78,9 +107,7 @@ class TokenWindows:
             for path, shard in zip(paths, self.shards):
                 largest = int(shard.max()) if len(shard) else 0
                 if largest >= vocab_size:
-                    raise DataError(f"{path} holds token id {largest}, but vocab_size is {vocab_size}; prepare the "
-                                    f"data again with a tokenizer of at most {vocab_size} ids, or raise vocab_size to "
-                                    f"at least {largest + 1}")
+                    raise DataError(vocabulary_error(data_dir, path, largest, vocab_size))
         self.starts = np.array([max(len(s) - block_size, 0) for s in self.shards])  # valid window starts per shard
         self.cum_starts = np.cumsum(self.starts)
         if self.cum_starts[-1] == 0:
@@ -101,6 +128,23 @@ class TokenWindows:
         return rows[:, :-1], rows[:, 1:]
 
 
+def vocabulary_error(data_dir, path, largest, vocab_size):
+    """What to say of a token id at or beyond the model's vocabulary. Where the folder's meta.json gives another
+    vocabulary, the folder was prepared with another tokenizer (a resumed run's or an evaluation corpus's data):
+    raising vocab_size would not help; prepare it again."""
+    meta = read_meta(data_dir)
+    theirs = meta.get("vocab_size")
+    if isinstance(theirs, int) and theirs != vocab_size:
+        what = tokens_of(meta) or f"a vocabulary of {theirs} ids"
+        return (f"{data_dir} was prepared with another tokenizer than the model's: {what} ({path} holds token id "
+                f"{largest}), but the model's vocabulary has {vocab_size} ids; prepare {data_dir} again with the "
+                f"tokenizer of the model's training data (its script and settings), or use data prepared with it "
+                f"(in a new run, vocab_size=0 takes {theirs} from {data_dir}/meta.json)")
+    return (f"{path} holds token id {largest}, but vocab_size is {vocab_size}: {data_dir} was prepared with another "
+            f"tokenizer than the model's, or is damaged; prepare the data again with the model's tokenizer (at most "
+            f"{vocab_size} ids), or, in a new run that sets vocab_size, set it to at least {largest + 1}")
+
+
 def check_data_dir(data_dir):
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir!r} does not exist; create it with `python prepare_mult.py` "
@@ -116,12 +160,29 @@ def tokens_of(meta):
 
 
 def check_same_tokens(data_dir, other_dir):
-    """An eval_data_dirs corpus is scored by a model trained on data_dir: their token ids must mean the same."""
-    ours, theirs = tokens_of(read_meta(data_dir)), tokens_of(read_meta(other_dir))
+    """An eval_data_dirs corpus is scored by a model trained on data_dir: their token ids must mean the same. What
+    the two meta.json say is compared (tokenizer or task, else vocab_size); where the corpus has no meta.json, its
+    val shards' largest id is checked against data_dir's vocab_size."""
+    our_meta, their_meta = read_meta(data_dir), read_meta(other_dir)
+    ours, theirs = tokens_of(our_meta), tokens_of(their_meta)
+    our_size, their_size = our_meta.get("vocab_size"), their_meta.get("vocab_size")
+    fix = (f"scoring it would mean nothing; prepare {other_dir} again with the same script and tokenizer as "
+           f"{data_dir}, or drop it from eval_data_dirs")
     if ours != theirs and ours is not None and theirs is not None:
         raise DataError(f"eval_data_dirs {other_dir} holds tokens of {theirs}, but the model trains on {data_dir}, "
-                        f"tokens of {ours}: scoring it would mean nothing; prepare {other_dir} with the same script "
-                        f"and tokenizer as {data_dir}, or drop it from eval_data_dirs")
+                        f"tokens of {ours}: it was prepared with another tokenizer; {fix}")
+    if isinstance(our_size, int) and isinstance(their_size, int) and our_size != their_size:
+        raise DataError(f"eval_data_dirs {other_dir} was prepared with another tokenizer than {data_dir}, which the "
+                        f"model trains on (its meta.json says vocab_size {their_size}, {data_dir}'s {our_size}); "
+                        f"{fix}")
+    if isinstance(our_size, int) and their_size is None and theirs is None:
+        for path in sorted(glob.glob(os.path.join(other_dir, "val_*.bin"))):
+            shard = read_shard(path)
+            largest = int(shard.max()) if len(shard) else 0
+            if largest >= our_size:
+                raise DataError(f"eval_data_dirs {other_dir} was prepared with another tokenizer than {data_dir}, "
+                                f"which the model trains on: {path} holds token id {largest}, beyond its vocabulary "
+                                f"of {our_size} ids; {fix}")
 
 
 _held_locks = {}  # folder -> the open lock file this process holds on it (closing it would release the lock)
@@ -162,8 +223,7 @@ def claim_folder(out_dir, script, settings):
         raise DataError(f"{out_dir} holds a training run (ckpt.pt / log.jsonl), not data; {afresh}")
     record, recorded = os.path.join(out_dir, "prepare.json"), None
     if os.path.exists(record):
-        with open(record) as f:
-            recorded = json.load(f)
+        recorded = read_prepare_record(out_dir)
         maker = recorded.get("script", "prepare_fineweb.py")
     else:  # data from before prepare.json named its script: its meta.json says whose it is
         meta = read_meta(out_dir)
@@ -181,16 +241,50 @@ def claim_folder(out_dir, script, settings):
                         f"settings it was prepared with")
     if settings is not None:
         tmp = f"{record}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"script": script, **settings}, f)
-        os.replace(tmp, record)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"script": script, **settings}, f)
+            os.replace(tmp, record)
+        except OSError as e:
+            remove_quietly(tmp)
+            raise DataError(write_error(record, e)) from None
+        except BaseException:
+            remove_quietly(tmp)
+            raise
     return None
 
 
+def read_prepare_record(out_dir):
+    """out_dir/prepare.json, the record of what a prepare script made the folder from: a JSON object (whose "script",
+    where there is one, names the script); a damaged one is one DataError that says to delete it and prepare again."""
+    path = os.path.join(out_dir, "prepare.json")
+    has_shards = bool(glob.glob(os.path.join(out_dir, "*.bin")))
+    fix = (f"delete {out_dir} (its shards cannot be continued without that record) and prepare the data again"
+           if has_shards else f"delete it (or the folder {out_dir}) and prepare the data again")
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is damaged (not UTF-8 text): nothing says what {out_dir} was prepared from; {fix}") \
+            from None
+    except ValueError as e:
+        raise DataError(f"{path} is damaged (not JSON: {e}): nothing says what {out_dir} was prepared from; {fix}") \
+            from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("script", ""), str):
+        raise DataError(f"{path} is damaged (not the JSON object a prepare script writes): nothing says what "
+                        f"{out_dir} was prepared from; {fix}")
+    return recorded
+
+
 def read_meta(data_dir):
+    """data_dir/meta.json, or {} where there is none (shards from elsewhere, e.g. llm.c's). A folder with a
+    prepare.json but no meta.json holds a preparation that has not finished (prepare scripts write meta.json last):
+    one DataError that says to wait for it, or to run the same prepare command again."""
     check_data_dir(data_dir)
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
+        if os.path.exists(os.path.join(data_dir, "prepare.json")):
+            raise DataError(unfinished_preparation(data_dir))
         return {}
     with open(path) as f:
         try:
@@ -202,3 +296,53 @@ def read_meta(data_dir):
         raise DataError(f"{path} is not a JSON object; run the prepare script for this data again "
                         f"(prepare_mult.py or prepare_fineweb.py)")
     return meta
+
+
+def unfinished_preparation(data_dir):
+    """What to say of a folder whose preparation has not finished: the process still at it, or the command to run
+    again (prepare_mult.py writes the folder afresh, prepare_fineweb.py continues after its last complete shard)."""
+    holder = preparation_in_progress(data_dir)
+    if holder:
+        return (f"{data_dir} is still being prepared (by {holder}): it has a prepare.json but no meta.json yet; wait "
+                f"for that preparation to finish")
+    try:
+        recorded = read_prepare_record(data_dir)
+    except DataError:
+        recorded = {}
+    script = recorded.get("script", "prepare_fineweb.py")
+    settings = {k: v for k, v in recorded.items() if k not in ("script", "source", "tokenizer")}
+    source = recorded.get("source")
+    if script == "prepare_fineweb.py" and isinstance(source, dict):
+        if source.get("local_files"):
+            settings = {"local_files": " ".join(shlex.quote(str(f[0])) for f in source["local_files"]), **settings}
+        else:
+            settings = {"dataset": source.get("dataset"), "name": source.get("name"),
+                        "streaming": bool(source.get("streaming")), **settings}
+    if script in ("prepare_mult.py", "prepare_fineweb.py") and (script == "prepare_mult.py" or source):
+        options = "".join(f" --{k}" if v is True else f" --{k} {v}" if k == "local_files" else
+                          f" --{k}={shlex.quote(str(v))}" for k, v in settings.items() if v is not False)
+        command = f"`python {script} --out_dir={shlex.quote(data_dir)}{options}`"
+    else:
+        command = f"the {script} command that made it (with --out_dir={data_dir})"
+    again = ("it writes the data afresh" if script == "prepare_mult.py" else
+             "it continues after the last complete shard")
+    return (f"the preparation of {data_dir} was interrupted: it has a prepare.json but no meta.json, which a "
+            f"preparation writes last; run {command} again ({again})")
+
+
+def preparation_in_progress(data_dir):
+    """The holder of data_dir's lock, where another process holds it (a preparation at work), else None."""
+    path = os.path.join(data_dir, "lock")
+    if os.path.realpath(data_dir) in _held_locks or not os.path.exists(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 2000, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # (closing it releases a lock taken here)
+    return None
