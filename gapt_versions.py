@@ -250,7 +250,7 @@ class LaterGate:
 @register
 class ProjectGate:
     """This project's rules until 2026-12-01, fed once per optimizer step with the step's mean CE and per-layer MBE
-    (feeds = "step"; the MBE is ignored in phase 1). "x improved on best" means best is +inf or
+    (after the step; the MBE is ignored in phase 1). "x improved on best" means best is +inf or
     x < best·(1 − delta); with delta_mbe_abs > 0, an MBE improves only if it drops by more than that absolute
     amount. Phase 1 → 2 after patience_memorize steps without CE progress (ce_plateau), with fresh per-layer MBE
     minima; in phase 2 a CE above the run's best CE · (1 + tau) ends compression at once (ce_spike), and
