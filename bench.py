@@ -209,7 +209,7 @@ def main(argv):
                           n_embd=c.n_embd, dropout=c.dropout, bias=c.bias)).to(c.device)
     optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
                                             muon=c.optimizer == "muon")  # the config's: AdamW, or Muon + AdamW
-    forward = torch.compile(model) if c.compile else model
+    forward = model.compile_parts() if c.compile else model  # compiled as train.py compiles it: block by block
     layers = regularised_layers(c.mbe_layers, c.n_layer, c.gapt_version)
     whole = SimpleNamespace(**{**vars(c), "mbe_patch_size": 0})
     eager_mbe = SimpleNamespace(**{**vars(c), "compile": False})  # layers_mbe's eager path
