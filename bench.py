@@ -37,7 +37,8 @@ MBE's memory-traffic floor: on a GPU the eager MBE was 10% of a GPT-2 124M step 
 --micro_batches=N makes every timed step N micro-batches of batch_size (then one optimizer step), as
 gradient_accumulation_steps does in train.py (default 1: the worst case for (d)).
 Bench flags: --steps, --warmup, --micro_batches, --alpha_shape=B,N,D (empty to skip), --alpha_threads, --nanogpt_dir,
---mbe_compiled (0, 1, or -1: as the config's compile); the rest are train.py config.
+--mbe_compiled (0, 1, or -1: as the config's compile), --layout_steps (timed rounds of (A)-(C2); 0: --steps); the
+rest are train.py config.
 """
 
 import importlib.util
@@ -58,7 +59,7 @@ from system import setup_compute
 from train import GAPT, Step, compile_every_variant, layers_mbe, load_config, micro_batch_loss, regularised_layers
 
 BENCH_FLAGS = {"steps": 20, "warmup": 3, "micro_batches": 1, "alpha_shape": "8,1024,768", "alpha_threads": 1,
-               "nanogpt_dir": "", "mbe_compiled": -1}
+               "nanogpt_dir": "", "mbe_compiled": -1, "layout_steps": 0}
 STRING_FLAGS = ("alpha_shape", "nanogpt_dir")
 
 
@@ -172,7 +173,7 @@ def layout_rows(c, model, optimizers, autocast, device_type, vocab_size, bench):
             memory[kind] = torch.cuda.max_memory_allocated()
         else:
             memory[kind] = one_step(kind, measure_memory=True)
-    for r in range(bench.steps):
+    for r in range(bench.layout_steps or bench.steps):
         rounds[0] = r
         for kind in kinds:
             times[kind].append(timed(lambda: one_step(kind), device_type))
