@@ -71,6 +71,14 @@ def middle_blocks(n_layer):  # every block but the first and the last (all of th
     return list(range(1, n_layer - 1)) if n_layer >= 3 else list(range(n_layer))
 
 
+def nothing_before_a_step(gate, step):  # begin_step of a version that needs no set-up per step
+    pass
+
+
+def the_whole_model(gate, step, j):  # depth of a version whose every micro-batch runs all blocks and the head
+    return None
+
+
 def common_settings(c):  # the keys every version reads
     return dict(delta=c.gapt_delta, tau=c.gapt_tau, patience_memorize=c.gapt_patience_memorize,
                 patience_compress=c.gapt_patience_compress, mbe_weight=c.mbe_weight)
@@ -116,6 +124,7 @@ class Algorithm1Gate:
     settings = ("delta", "tau", "patience_memorize", "patience_compress", "mbe_weight", "layers")
     _enter, state_dict, load_state_dict = record_switch, gate_state_dict, load_gate_state
     check = staticmethod(no_checks)
+    begin_step, depth = nothing_before_a_step, the_whole_model
 
     def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=10, patience_compress=10, mbe_weight=1.0, layers=()):
         self.delta, self.tau, self.patience_memorize, self.patience_compress = delta, tau, patience_memorize, \
@@ -153,12 +162,6 @@ class Algorithm1Gate:
     def from_config(cls, c, layers):
         return cls(**common_settings(c), layers=layers)
 
-    def begin_step(self, step):
-        pass
-
-    def depth(self, step, j):
-        return None
-
     def micro_batch(self, step, j, ce, hidden):
         layers, mbe = measure_for_loss(self, step, hidden)
         return ce + self.mbe_weight * mbe.mean() if step.phase == 2 else ce
@@ -183,6 +186,7 @@ class LaterGate:
     settings = ("delta", "delta_mbe", "tau", "patience_memorize", "patience_compress", "mbe_weight", "layers")
     _enter, state_dict, load_state_dict = record_switch, gate_state_dict, load_gate_state
     check = staticmethod(no_checks)
+    begin_step, depth = nothing_before_a_step, the_whole_model
     auto_layers = staticmethod(middle_blocks)  # run_iblm.sh's --mbe_schedule all_middle
 
     def __init__(self, *, delta=0.01, delta_mbe=0.01, tau=0.1, patience_memorize=125, patience_compress=75,
@@ -222,12 +226,6 @@ class LaterGate:
     @classmethod
     def from_config(cls, c, layers):
         return cls(**common_settings(c), delta_mbe=c.gapt_delta_mbe, layers=layers)
-
-    def begin_step(self, step):
-        pass
-
-    def depth(self, step, j):
-        return None
 
     def micro_batch(self, step, j, ce, hidden):
         layers, mbe = measure_for_loss(self, step, hidden, every_micro_batch=True)
@@ -269,6 +267,7 @@ class ProjectGate:
     layer_words = ("auto", "rotate")  # mbe_layers="rotate": one regularised layer per step, cycling
     state_dict, load_state_dict = gate_state_dict, load_gate_state
     check, auto_layers = staticmethod(no_checks), staticmethod(middle_blocks)
+    begin_step, depth = nothing_before_a_step, the_whole_model
 
     def __init__(self, *, delta=0.01, tau=0.1, patience_memorize=125, patience_compress=75, delta_mbe_abs=0.0,
                  ema=0.0, mbe_weight=0.1, mbe_floor=0.0, rotate=False, layers=()):
@@ -331,12 +330,6 @@ class ProjectGate:
     def from_config(cls, c, layers):
         return cls(**common_settings(c), delta_mbe_abs=c.gapt_delta_mbe_abs, ema=c.gapt_ema, mbe_floor=c.mbe_floor,
                    rotate=c.mbe_layers == "rotate", layers=layers)
-
-    def begin_step(self, step):
-        pass
-
-    def depth(self, step, j):
-        return None
 
     def micro_batch(self, step, j, ce, hidden):
         layers, mbe = measure_for_loss(self, step, hidden)
