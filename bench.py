@@ -56,7 +56,8 @@ from model import GPT, GPTConfig
 from shards import read_meta
 from configurator import ConfigError
 from system import setup_compute
-from train import GAPT, Step, compile_every_variant, layers_mbe, load_config, micro_batch_loss, regularised_layers
+from gapt_versions import Step, layers_mbe
+from train import GAPT, compile_every_variant, load_config, micro_batch_loss, regularised_layers
 
 BENCH_FLAGS = {"steps": 20, "warmup": 3, "micro_batches": 1, "alpha_shape": "8,1024,768", "alpha_threads": 1,
                "nanogpt_dir": "", "mbe_compiled": -1, "layout_steps": 0}
@@ -128,6 +129,23 @@ def load_nanogpt(nanogpt_dir, c, vocab_size, device_type):
     return model, optimizer
 
 
+def warm_up_and_peak_memory(kinds, one_step, cpu_memory, warmup, device_type):
+    """Warm-up (and compilation) first, then each kind's peak memory, one kind at a time: CUDA's allocator over one
+    step, or cpu_memory(kind) on the CPU."""
+    memory = {}
+    for kind in kinds:
+        for _ in range(warmup):
+            one_step(kind)
+        if device_type == "cuda":
+            sync(device_type)
+            torch.cuda.reset_peak_memory_stats()
+            one_step(kind)
+            memory[kind] = torch.cuda.max_memory_allocated()
+        else:
+            memory[kind] = cpu_memory(kind)
+    return memory
+
+
 def layout_rows(c, model, optimizers, autocast, device_type, vocab_size, bench):
     """The paper-era default's steps as train.py runs them: (A), (M), (C1), (C2) of the docstring, interleaved."""
     import copy
@@ -162,17 +180,9 @@ def layout_rows(c, model, optimizers, autocast, device_type, vocab_size, bench):
             opt.zero_grad(set_to_none=True)
         return most
 
-    times, memory = {k: [] for k in kinds}, {}
-    for kind in kinds:
-        for _ in range(bench.warmup):
-            one_step(kind)
-        if device_type == "cuda":
-            sync(device_type)
-            torch.cuda.reset_peak_memory_stats()
-            one_step(kind)
-            memory[kind] = torch.cuda.max_memory_allocated()
-        else:
-            memory[kind] = one_step(kind, measure_memory=True)
+    times = {k: [] for k in kinds}
+    memory = warm_up_and_peak_memory(kinds, one_step, lambda kind: one_step(kind, measure_memory=True), bench.warmup,
+                                     device_type)
     for r in range(bench.layout_steps or bench.steps):
         rounds[0] = r
         for kind in kinds:
@@ -253,20 +263,14 @@ def main(argv):
             watched = torch.cat([ce[0].detach().float().view(1), ce[1].float()]).tolist()  # one host sync
             gapt.step(watched[0], watched[1:])
 
+    def cpu_memory(v):
+        most = activation_bytes(lambda: forward_loss(v)[0].backward())
+        for opt in [nano_optimizer] if v == "nanogpt" else optimizers:
+            opt.zero_grad(set_to_none=True)
+        return most
+
     times = {v: [] for v in variants}
-    memory = {}
-    for v in variants:  # warm-up (and compilation) first, then memory, one variant at a time
-        for _ in range(bench.warmup):
-            train_step(v)
-        if device_type == "cuda":
-            sync(device_type)
-            torch.cuda.reset_peak_memory_stats()
-            train_step(v)
-            memory[v] = torch.cuda.max_memory_allocated()
-        else:
-            memory[v] = activation_bytes(lambda: forward_loss(v)[0].backward())
-            for opt in [nano_optimizer] if v == "nanogpt" else optimizers:
-                opt.zero_grad(set_to_none=True)
+    memory = warm_up_and_peak_memory(variants, train_step, cpu_memory, bench.warmup, device_type)
     for _ in range(bench.steps):  # the timed rounds: every variant once per round
         for v in variants:
             times[v].append(timed(lambda: train_step(v), device_type))

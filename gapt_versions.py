@@ -17,7 +17,7 @@ The face: the training loop asks the version and never names one. A version is a
     check(c)                   its own config rules on the dict of settings: raise ValueError with one line that says
                                what to do (configurator.py reports it as a ConfigError), or nothing
     from_config(c, layers)     the gate for config c and the regularised blocks `layers`
-    begin_step(step)           before an optimizer step's micro-batches (step: train.py's Step, what the loop and the
+    begin_step(step)           before an optimizer step's micro-batches (step: a Step, below: what the loop and the
                                version share for one step: phase, log_step, gated, N, iter_num, measure, ...)
     depth(step, j)             how many blocks micro-batch j needs: None (all, the head and its CE), or l + 1 for a
                                micro-batch that backpropagates block l's MBE alone
@@ -33,6 +33,9 @@ the state round trip; docs/reading_the_code.md says what a new version touches.
 import math
 
 import torch
+import torch.distributed as dist
+
+from mbe import compiled_patched_mbe, patched_mbe
 
 # why a phase ends, and the values every switch record of that reason carries (experiment.py's tables read these)
 SWITCH_REASONS = {"ce_plateau": ("ce", "ce_min", "steps_without_progress"),
@@ -108,6 +111,75 @@ def feed_step_means(gate, step, per_layer):
     regularised = [mean_mbe[i] for i in gate.layers] if step.phase == 2 else None
     gate.step(mean_ce, regularised if per_layer or regularised is None else sum(regularised) / len(regularised))
     return [(step.phase, gate.last_switch)] if gate.last_switch else []
+
+
+def layers_mbe(hidden, layers, c):
+    """S_α of the residual stream after each block in layers: hidden (n_layer, B, T, D) -> (len(layers),), each the
+    mean over patches of mbe_patch_size tokens (contiguous layers a view, others a copy; compiled fused if compile)."""
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    picked = hidden[layers[0]:layers[-1] + 1] if contiguous else hidden[layers]
+    return (compiled_patched_mbe() if c.compile else patched_mbe)(picked, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
+
+
+def step_means(loss_ce, mbe_sum, mbe_count, world):
+    """Over all processes: the mean loss, the mean CE over the micro-batches that computed one (loss_ce: loss, CE and
+    the share of micro-batches with a CE, each process's mean over its micro-steps), and each layer's mean MBE over the
+    micro-batches that measured it (None where none did)."""
+    t = torch.cat([loss_ce, mbe_sum, mbe_count])
+    for _ in (0,) if world > 1 else ():
+        dist.all_reduce(t)
+    loss, ce, share = (t[:3] / world).tolist()
+    ce = ce / share if share else None
+    sums, counts = t[3:].view(2, -1).tolist()
+    return loss, ce, [s / n if n else None for s, n in zip(sums, counts)]
+
+
+class Step:
+    """One optimizer step as the loop and the GAPT version share it: the phase it trains in, whether it logs, whether
+    the gate is fed (gapt_mode="gapt"), and what its micro-batches measured: loss and CE (each this process's mean
+    over its micro-steps; the CE over those that computed one: a micro-batch that stops at its block has none), every
+    layer's MBE summed over the micro-batches that measured it, and each micro-batch's
+    (CE, compression term) for a gate fed per micro-batch. A version may keep what one step needs on it."""
+
+    def __init__(self, c, phase, log_step, iter_num, rank, world, check_finite, ddp_model=None):
+        self.c, self.phase, self.log_step, self.iter_num, self.world = c, phase, log_step, iter_num, world
+        self.ddp_model = ddp_model
+        self.gated, self.n_layer, self.check_finite = c.gapt_mode == "gapt", c.n_layer, check_finite
+        self.N = c.gradient_accumulation_steps  # micro-batches over all processes; j = rank * micro_steps + micro
+        self.micro_steps, self.rank = self.N // world, rank
+        self.loss = torch.zeros(3, device=c.device)  # loss, CE (of the micro-batches that computed one), their share
+        self.mbe_sum, self.mbe_count = torch.zeros(2, c.n_layer, device=c.device)
+        self.signal = torch.zeros(self.N, 2, device=c.device)
+
+    def last_here(self, j):  # this process's last micro-batch of the step
+        return j == (self.rank + 1) * self.micro_steps - 1
+
+    def measure(self, hidden, layers, grad, count=True):
+        """The MBE of these layers of one micro-batch (None if none), with or without gradients; counted for the log
+        and the gates fed by means unless count=False."""
+        if not layers:
+            return None
+        with torch.set_grad_enabled(grad):
+            mbe = layers_mbe(hidden, layers, self.c)
+        if count:
+            self.mbe_sum[layers] += mbe.detach().float()
+            self.mbe_count[layers] += 1
+        return mbe
+
+    def with_every_parameter(self, loss):
+        """A loss that leaves parameters out of its graph (one block's MBE alone: the blocks above, the head), made
+        fit for DDP, whose gradient reduction expects every parameter in the graph: every one joins at weight 0."""
+        if self.ddp_model is None:
+            return loss
+        return loss + 0.0 * sum(p.sum() for p in self.ddp_model.parameters())
+
+    def sum_over_processes(self, t):
+        for _ in (0,) if self.world > 1 else ():
+            dist.all_reduce(t)
+        return t
+
+    def means(self):  # over all processes: mean loss, mean CE, each layer's mean MBE (None where none measured it)
+        return step_means(self.loss, self.mbe_sum, self.mbe_count, self.world)
 
 
 @register

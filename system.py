@@ -106,19 +106,6 @@ def start_wandb(c):
     return wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=vars(c))
 
 
-def step_means(loss_ce, mbe_sum, mbe_count, world):
-    """Over all processes: the mean loss, the mean CE over the micro-batches that computed one (loss_ce: loss, CE and
-    the share of micro-batches with a CE, each process's mean over its micro-steps), and each layer's mean MBE over the
-    micro-batches that measured it (None where none did)."""
-    t = torch.cat([loss_ce, mbe_sum, mbe_count])
-    for _ in (0,) if world > 1 else ():
-        dist.all_reduce(t)
-    loss, ce, share = (t[:3] / world).tolist()
-    ce = ce / share if share else None
-    sums, counts = t[3:].view(2, -1).tolist()
-    return loss, ce, [s / n if n else None for s, n in zip(sums, counts)]
-
-
 def step_optimizers(optimizers, scaler, model, grad_clip):
     """Clip the global gradient norm (grad_clip > 0), step every optimizer through the (fp16) grad scaler, zero."""
     if grad_clip > 0:

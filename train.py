@@ -26,14 +26,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from alignment import gradient_alignment
 from checkpoint import MODEL_KEYS, absolute_paths, clear_run, finite_json, open_run, restore, rng_states, save_checkpoint
 from configurator import ConfigError, explicit_keys, load_config as parse_config
-from gapt_versions import (VERSIONS, common_settings, gate_state_dict, load_gate_state, middle_blocks, record_switch,
-                           register)
+from gapt_versions import (VERSIONS, Step, common_settings, gate_state_dict, layers_mbe, load_gate_state, middle_blocks,
+                           record_switch, register, step_means)
 from hub import load_pretrained_state
-from mbe import compiled_patched_mbe, patched_mbe
 from model import GPT, GPTConfig
 from evaluation import evaluate, load_data, setup_line, summary_lines, train_line
-from system import (all_reduce_mean, micro_steps_per_process, run_main, setup_compute, setup_processes, start_wandb, step_means, step_optimizers,
-                    to_device)
+from system import (all_reduce_mean, micro_steps_per_process, run_main, setup_compute, setup_processes, start_wandb,
+                    step_optimizers, to_device)
 
 # -----------------------------------------------------------------------------
 # Defaults: GAPT on the multiplication task (python prepare_mult.py first), small enough for a laptop CPU.
@@ -253,62 +252,6 @@ def regularised_layers(mbe_layers, n_layer, version):
     if not all(0 <= i < n_layer for i in mbe_layers):
         raise ConfigError(f"mbe_layers {list(mbe_layers)} must be indices in [0, n_layer={n_layer})")
     return sorted(set(mbe_layers))
-
-
-def layers_mbe(hidden, layers, c):
-    """S_α of the residual stream after each block in layers: hidden (n_layer, B, T, D) -> (len(layers),), each the
-    mean over patches of mbe_patch_size tokens (contiguous layers a view, others a copy; compiled fused if compile)."""
-    contiguous = layers == list(range(layers[0], layers[-1] + 1))
-    picked = hidden[layers[0]:layers[-1] + 1] if contiguous else hidden[layers]
-    return (compiled_patched_mbe() if c.compile else patched_mbe)(picked, c.mbe_patch_size, c.mbe_alpha, c.mbe_center)
-
-
-class Step:
-    """One optimizer step as the loop and the GAPT version share it: the phase it trains in, whether it logs, whether
-    the gate is fed (gapt_mode="gapt"), and what its micro-batches measured: loss and CE (each this process's mean
-    over its micro-steps; the CE over those that computed one: a micro-batch that stops at its block has none), every
-    layer's MBE summed over the micro-batches that measured it, and each micro-batch's
-    (CE, compression term) for a gate fed per micro-batch. A version may keep what one step needs on it."""
-
-    def __init__(self, c, phase, log_step, iter_num, rank, world, check_finite, ddp_model=None):
-        self.c, self.phase, self.log_step, self.iter_num, self.world = c, phase, log_step, iter_num, world
-        self.ddp_model = ddp_model
-        self.gated, self.n_layer, self.check_finite = c.gapt_mode == "gapt", c.n_layer, check_finite
-        self.N = c.gradient_accumulation_steps  # micro-batches over all processes; j = rank * micro_steps + micro
-        self.micro_steps, self.rank = self.N // world, rank
-        self.loss = torch.zeros(3, device=c.device)  # loss, CE (of the micro-batches that computed one), their share
-        self.mbe_sum, self.mbe_count = torch.zeros(2, c.n_layer, device=c.device)
-        self.signal = torch.zeros(self.N, 2, device=c.device)
-
-    def last_here(self, j):  # this process's last micro-batch of the step
-        return j == (self.rank + 1) * self.micro_steps - 1
-
-    def measure(self, hidden, layers, grad, count=True):
-        """The MBE of these layers of one micro-batch (None if none), with or without gradients; counted for the log
-        and the gates fed by means unless count=False."""
-        if not layers:
-            return None
-        with torch.set_grad_enabled(grad):
-            mbe = layers_mbe(hidden, layers, self.c)
-        if count:
-            self.mbe_sum[layers] += mbe.detach().float()
-            self.mbe_count[layers] += 1
-        return mbe
-
-    def with_every_parameter(self, loss):
-        """A loss that leaves parameters out of its graph (one block's MBE alone: the blocks above, the head), made
-        fit for DDP, whose gradient reduction expects every parameter in the graph: every one joins at weight 0."""
-        if self.ddp_model is None:
-            return loss
-        return loss + 0.0 * sum(p.sum() for p in self.ddp_model.parameters())
-
-    def sum_over_processes(self, t):
-        for _ in (0,) if self.world > 1 else ():
-            dist.all_reduce(t)
-        return t
-
-    def means(self):  # over all processes: mean loss, mean CE, each layer's mean MBE (None where none measured it)
-        return step_means(self.loss, self.mbe_sum, self.mbe_count, self.world)
 
 
 def micro_batch_loss(model, gapt, step, j, x, y):

@@ -13,8 +13,8 @@ import torch
 
 from conftest import LOSS_TOL, ON_CUDA, TINY, read_log, run_train
 from model import GPT, GPTConfig
-from gapt_versions import SWITCH_REASONS
-from train import VERSIONS, Step, load_config, micro_batch_loss, phase_of_step, regularised_layers
+from gapt_versions import SWITCH_REASONS, VERSIONS, Step
+from train import load_config, micro_batch_loss, phase_of_step, regularised_layers
 
 NAMES = sorted(VERSIONS)
 # values of a version's own keys that make progress rare, so that a 10-step run switches both ways (a key not named

@@ -143,7 +143,7 @@ def test_paper_era_loop_backpropagates_ce_alone_or_one_layers_mbe_alone(token_da
     sys.path.insert(0, REPO)
     from model import GPT, GPTConfig
     from shards import TokenWindows
-    from train import layers_mbe
+    from gapt_versions import layers_mbe
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
@@ -332,7 +332,7 @@ def tiny_model(n_layer, compile_=False):
 
 @pytest.mark.parametrize("compile_", [False, True])
 def test_an_mbe_only_micro_batch_has_the_full_forwards_gradients_and_none_above_its_block(compile_):
-    from train import layers_mbe
+    from gapt_versions import layers_mbe
     c = SimpleNamespace(mbe_patch_size=8, mbe_alpha=2.0, mbe_center=False, compile=compile_)
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     grads = []
@@ -359,7 +359,8 @@ def test_compiled_blocks_compile_once_up_front_and_never_per_depth():
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
     from model import Block
-    from train import VERSIONS, Step, compile_every_variant, micro_batch_loss, regularised_layers
+    from gapt_versions import VERSIONS, Step
+    from train import compile_every_variant, micro_batch_loss, regularised_layers
     torch._dynamo.reset()
     c = load_config(["--n_layer=12", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
                      "--device=cpu", "--vocab_size=64", "--gradient_accumulation_steps=2", "--gapt_mode=always",

@@ -343,14 +343,16 @@ def compression_setup(**overrides):
 
 def compression_loss(ce, hidden, c, step_num):
     """The project version's compressing micro-batch, as the loop asks it (a Step in phase 2)."""
-    from train import Step, VERSIONS, regularised_layers
+    from gapt_versions import VERSIONS, Step
+    from train import regularised_layers
     gate = VERSIONS["project"].from_config(c, regularised_layers(c.mbe_layers, 4, "project"))
     return gate.micro_batch(Step(c, 2, False, step_num, 0, 1, lambda v: None), 0, ce, hidden)
 
 
 def test_compression_loss_is_ce_plus_weighted_mean_mbe():
     from mbe import patched_mbe
-    from train import layers_mbe, regularised_layers
+    from gapt_versions import layers_mbe
+    from train import regularised_layers
     c, hidden = compression_setup(mbe_weight=0.5)
     layers = regularised_layers("auto", 4, "project")
     layer_mbe = layers_mbe(hidden, layers, c)
@@ -371,7 +373,8 @@ def test_mbe_floor_stops_the_gradient_below_it():
 
 
 def test_rotate_regularises_one_middle_layer_per_step():
-    from train import layers_mbe, regularised_layers
+    from gapt_versions import layers_mbe
+    from train import regularised_layers
     layers = regularised_layers("rotate", 4, "project")
     for step, layer in ((0, 1), (1, 2), (2, 1)):
         c, hidden = compression_setup(mbe_layers="rotate")
@@ -385,7 +388,8 @@ def test_rotate_regularises_one_middle_layer_per_step():
 
 def test_regularised_layers_in_one_form_and_non_contiguous_ones():
     from mbe import patched_mbe
-    from train import layers_mbe, regularised_layers
+    from gapt_versions import layers_mbe
+    from train import regularised_layers
     assert regularised_layers("auto", 4, "project") == regularised_layers("rotate", 4, "project") == [1, 2]
     assert regularised_layers("auto", 2, "paper_era") == [0, 1] and regularised_layers([2, 0, 2], 4, "later") == [0, 2]
     with pytest.raises(ConfigError, match=r"mbe_layers \[5\] must be indices in \[0, n_layer=4\)"):
