@@ -25,6 +25,8 @@ eval_data_dirs corpus (out-of-distribution text). Every row also has GAPT's shar
 switches counted by reason, the mean length of a compression phase, and the batch noise of one step's CE (runs with
 log_interval=1). Then, per seed, each run's relative difference to the first config's run of the same seed, and for
 each metric its mean, standard error, how many seeds are lower, a sign test and a sign-flip permutation test.
+--figure PATH --against KEY also draws a metric (default: test CE at the early-stopping step) against a setting, e.g.
+test CE against weight_decay, rows that differ in that setting alone joined in one line.
 """
 
 import argparse
@@ -44,6 +46,7 @@ import numpy as np
 from checkpoint import RUNTIME_KEYS, CheckpointError, read_log
 from configurator import ConfigError
 from gapt_versions import SWITCH_REASONS
+from plot import check_writable, image_format, plot_against, write_atomically
 from train import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -325,6 +328,24 @@ def table(results):
     return "\n".join(lines)
 
 
+FIGURE_METRICS = {"test_ce_best": "test CE at the early-stopping step", "test_ce": "test CE at the end",
+                  "best_val_ce": "validation CE at the early-stopping step", "val_ce": "validation CE at the end",
+                  "mbe": "validation MBE at the end", "ood_ce": "OOD answer CE at the end",
+                  "ood_exact": "OOD exact-answer share at the end"}
+
+
+def figure_series(rows, results, key, metric):
+    """{label: {value of key: [the metric, one per seed]}}: rows that differ in key's override alone share a series,
+    labelled by their name without it."""
+    series = {}
+    for config, overrides, settings in rows:
+        values = [m[metric] for m in results.get(run_name(config, overrides), {}).values() if m.get(metric) is not None]
+        label = run_name(config, [o for o in overrides if o.partition("=")[0] != key])
+        if values:
+            series.setdefault(label, {}).setdefault(settings[key], []).extend(values)
+    return series
+
+
 def identity_of(config, overrides, train_args, seed, settings):
     return {"configs": config.split(","), "overrides": overrides, "train_args": train_args, "seed": seed,
             "settings": settings}
@@ -355,8 +376,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: the machine's cores // jobs, at least 1)")
     parser.add_argument("--table_only", action="store_true", help="do not train; tabulate the finished runs")
+    parser.add_argument("--figure", metavar="PATH", help="also draw --figure_metric against the setting --against, "
+                        "each row's seeds as dots and their mean as a line (rows differing in that setting alone join)")
+    parser.add_argument("--against", metavar="KEY", help="the setting on the figure's x axis (e.g. weight_decay)")
+    parser.add_argument("--figure_metric", default="test_ce_best", choices=FIGURE_METRICS)
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments")
     args = parser.parse_args(argv)
+    if bool(args.figure) != bool(args.against):
+        parser.error("--figure and --against go together: give both (e.g. --figure wd.png --against weight_decay)")
+    if args.figure:
+        fmt = image_format(args.figure)
+        check_writable(args.figure, "--figure")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give 1 or more runs at a time")
     repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
@@ -387,6 +417,11 @@ def main(argv=None):
         if len(name) > 200 or "/" in name:
             parser.error(f"the run name {name[:60]}... (the last config file and the overrides, --set included) is "
                          f"too long for a folder or holds a '/': pass such settings with --train_args (not named)")
+        against = settings.get(args.against, 0)
+        if args.figure and (args.against not in settings or isinstance(against, bool) or
+                            not isinstance(against, (int, float))):
+            parser.error(f"--against {args.against}: not a numeric setting of --configs {'+'.join([config, *overrides])}"
+                         f" ({against!r}); give a number-valued key such as weight_decay or dropout")
         for seed in args.seeds:
             out_dir = os.path.join(args.out_root, f"{name}-s{seed}")
             runs.append((config, overrides, seed, out_dir, max_iters, settings))
@@ -451,6 +486,15 @@ def main(argv=None):
         print(f"every run: {' '.join('--' + o for o in args.set)}\n")
     if results:
         print(table(results))
+    if args.figure:
+        rows = [(config, overrides, settings) for config, overrides, seed, _, _, settings in runs if seed == args.seeds[0]]
+        series = figure_series(rows, results, args.against, args.figure_metric)
+        if not series:
+            sys.exit(f"--figure {args.figure}: no finished run has {FIGURE_METRICS[args.figure_metric]} "
+                     f"(--figure_metric {args.figure_metric}); nothing drawn")
+        write_atomically(args.figure, lambda tmp: plot_against(series, args.against, FIGURE_METRICS[args.figure_metric],
+                                                               tmp, fmt))
+        print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,35 @@ def plot(runs, output, smooth=1, fmt=None):
         plt.close(fig)
 
 
+def plot_against(series, key, metric, output, fmt=None):
+    """A metric against one setting (experiment.py --figure): series {label: {x: [one value per seed]}}, each seed a
+    dot, the mean over seeds a line (a series at one x: a marker with its seeds). Log x when x spans 10x or more."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    xs = [x for points in series.values() for x in points]
+    for k, (label, points) in enumerate(series.items()):
+        color, marker = colors[k % len(colors)], "os^Dv<>p"[k % 8]
+        for x, values in points.items():
+            ax.scatter([x] * len(values), values, color=color, alpha=0.35, s=14, marker=marker, lw=0)
+        order = sorted(points)
+        means = [sum(points[x]) / len(points[x]) for x in order]
+        seeds = sorted({len(points[x]) for x in order})
+        ax.plot(order, means, color=color, marker=marker, ms=7, lw=1.5,
+                label=f"{label} (mean of {'/'.join(map(str, seeds))} seeds)")
+    if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    try:
+        fig.savefig(output, dpi=100, format=fmt)
+    finally:
+        plt.close(fig)
+
+
 def moving_average(values, window):
     """Trailing mean over the last `window` values (fewer at the start)."""
     out, total = [], 0.0

@@ -172,3 +172,33 @@ def test_a_sweep_killed_at_random_moments_finishes_when_started_again(tmp_path, 
         logs = [[{k: v for k, v in r.items() if k not in timing} for r in read_log(str(tmp_path / root / f"row-s{seed}"))]
                 for root in ("killed", "straight")]
         assert logs[0] == logs[1] and os.path.exists(tmp_path / "killed" / f"row-s{seed}" / "done")
+
+
+def test_a_figure_draws_a_metric_against_a_setting_rows_that_differ_in_it_alone_joined(tmp_path, capsys):
+    base, gapt = (os.path.join(REPO, "config", f"kernel_docs_{n}.py") for n in ("baseline", "gapt"))
+    for seed in (0, 1):
+        for name, wd_test in (("kernel_docs_baseline+weight_decay_0.1", 4.0), ("kernel_docs_baseline+weight_decay_3.0",
+                                                                               3.5), ("kernel_docs_gapt+weight_decay_3.0", 3.4)):
+            # the early-stopping step (best validation CE) is 100; test there is the figure's value, not test at 200
+            write_run(tmp_path, name, seed, [(100, {"val_ce": 4.0, "test_ce": wd_test + seed}),
+                                             (200, {"val_ce": 4.5, "test_ce": 9.0})])
+    configs = [f"{base}+weight_decay=0.1", f"{base}+weight_decay=3.0", f"{gapt}+weight_decay=3.0"]
+    figure = tmp_path / "wd.png"
+    me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "1", "--configs", *configs,
+             "--figure", str(figure), "--against", "weight_decay"])
+    assert f"wrote {figure}" in capsys.readouterr().out and figure.read_bytes()[:4] == b"\x89PNG"
+    results = {n: {s: me.final_metrics(str(tmp_path / f"{n}-s{s}")) for s in (0, 1)}
+               for n in ("kernel_docs_baseline+weight_decay_0.1", "kernel_docs_baseline+weight_decay_3.0",
+                         "kernel_docs_gapt+weight_decay_3.0")}
+    rows = [(base, ["weight_decay=0.1"], {"weight_decay": 0.1}), (base, ["weight_decay=3.0"], {"weight_decay": 3.0}),
+            (gapt, ["weight_decay=3.0"], {"weight_decay": 3.0})]
+    assert me.figure_series(rows, results, "weight_decay", "test_ce_best") == {
+        "kernel_docs_baseline": {0.1: [4.0, 5.0], 3.0: [3.5, 4.5]}, "kernel_docs_gapt": {3.0: [3.4, 4.4]}}
+    for bad, says in ((["--figure", str(figure)], "--figure and --against go together"),
+                      (["--figure", str(figure), "--against", "gapt_version"], "not a numeric setting"),
+                      (["--figure", str(tmp_path / "no" / "wd.png"), "--against", "dropout"], "does not exist"),
+                      (["--figure", str(figure), "--against", "dropout", "--figure_metric", "ood_ce"], "nothing drawn")):
+        with pytest.raises(SystemExit) as stop:
+            me.main(["--table_only", "--out_root", str(tmp_path), "--seeds", "0", "--configs", *configs, *bad])
+        captured = capsys.readouterr()
+        assert says in f"{stop.value.code} {captured.err}"
