@@ -61,11 +61,24 @@ def test_resume_repeats_every_log_record_and_the_weights(token_data, tmp_path, v
         assert [(r["kind"], r["iter"], r["phase"]) for r in a] == [(r["kind"], r["iter"], r["phase"]) for r in b]
 
 
-def two_processes(token_data, tmp_path, version, compile_):
+@pytest.fixture(scope="module")
+def one_process_run(token_data, tmp_path_factory):
+    """The 1-process run both 2-process tests compare against, trained once per version."""
+    runs = {}
+
+    def get(version):
+        if version not in runs:
+            runs[version] = str(tmp_path_factory.mktemp(f"one-{version}"))
+            run_train(*version_args(version, token_data), "--max_iters=10", "--eval_interval=100",
+                      f"--out_dir={runs[version]}", "--overwrite_out_dir=True")
+        return runs[version]
+    return get
+
+
+def two_processes(token_data, tmp_path, version, compile_, one_process_run):
     nproc = min(2, torch.cuda.device_count()) if ON_CUDA else 2
     common = version_args(version, token_data) + ["--max_iters=10", "--eval_interval=100"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_train(*common, f"--out_dir={one}")
+    one, two = one_process_run(version), str(tmp_path / "two")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     run_train(*common, f"--out_dir={two}", f"--compile={compile_}", launcher=torchrun)
     a, b = read_log(one), read_log(two)
@@ -78,18 +91,18 @@ def two_processes(token_data, tmp_path, version, compile_):
 
 
 @pytest.mark.parametrize("version", NAMES)
-def test_two_processes_match_one(token_data, tmp_path, version):
+def test_two_processes_match_one(token_data, tmp_path, version, one_process_run):
     """With 2 micro-batches over 2 processes each process holds one; paper_era's compression then has one process
     backpropagate an MBE alone while the other backpropagates CE (DDP's reduction must still finish)."""
-    two_processes(token_data, tmp_path, version, compile_=False)
+    two_processes(token_data, tmp_path, version, False, one_process_run)
 
 
 @pytest.mark.skipif(ON_CUDA, reason="the compiled runs are timed on the GPU by gpu_checks.sh")
 @pytest.mark.parametrize("version", NAMES)
-def test_two_compiled_processes_match_one_eager(token_data, tmp_path, version):
+def test_two_compiled_processes_match_one_eager(token_data, tmp_path, version, one_process_run):
     """torch.compile and DDP together against one eager process: compile equals eager to rounding, and DDP's
     reduction finishes under compile (where a parameter missing from a micro-batch's graph would go unnoticed)."""
-    two_processes(token_data, tmp_path, version, compile_=True)
+    two_processes(token_data, tmp_path, version, True, one_process_run)
 
 
 # --- the face, in process: a tiny model driven step by step as the loop drives it ---------------------------------
