@@ -335,14 +335,15 @@ FIGURE_METRICS = {"test_ce_best": "test CE at the early-stopping step", "test_ce
 
 
 def figure_series(rows, results, key, metric):
-    """{label: {value of key: [the metric, one per seed]}}: rows that differ in key's override alone share a series,
-    labelled by their name without it."""
+    """{label: {value of key: {seed: the metric}}}: rows that differ in key's override alone share a series, labelled
+    by their name without it."""
     series = {}
     for config, overrides, settings in rows:
-        values = [m[metric] for m in results.get(run_name(config, overrides), {}).values() if m.get(metric) is not None]
+        values = {seed: m[metric] for seed, m in results.get(run_name(config, overrides), {}).items()
+                  if m.get(metric) is not None}
         label = run_name(config, [o for o in overrides if o.partition("=")[0] != key])
         if values:
-            series.setdefault(label, {}).setdefault(settings[key], []).extend(values)
+            series.setdefault(label, {}).setdefault(settings[key], {}).update(values)
     return series
 
 

@@ -202,25 +202,30 @@ def plot(runs, output, smooth=1, fmt=None):
 
 
 def plot_against(series, key, metric, output, fmt=None):
-    """A metric against one setting (experiment.py --figure): series {label: {x: [one value per seed]}}, each seed a
-    dot, the mean over seeds a line (a series at one x: a marker with its seeds). Log x when x spans 10x or more."""
+    """A metric against one setting (experiment.py --figure): series {label: {x: {seed: value}}}. Each seed is a thin
+    line across the values of x it has, the mean over the seeds at each x a large marker with their count beside it
+    (means over different seeds are not joined). Log x when x spans 10x or more."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    xs = [x for points in series.values() for x in points]
+    xs = sorted({x for points in series.values() for x in points})
     for k, (label, points) in enumerate(series.items()):
         color, marker = colors[k % len(colors)], "os^Dv<>p"[k % 8]
+        for seed in sorted({seed for values in points.values() for seed in values}):
+            line = [(x, points[x][seed]) for x in sorted(points) if seed in points[x]]
+            ax.plot(*zip(*line), color=color, lw=0.8, alpha=0.35, marker=".", ms=4)
         for x, values in points.items():
-            ax.scatter([x] * len(values), values, color=color, alpha=0.35, s=14, marker=marker, lw=0)
-        order = sorted(points)
-        means = [sum(points[x]) / len(points[x]) for x in order]
-        seeds = sorted({len(points[x]) for x in order})
-        ax.plot(order, means, color=color, marker=marker, ms=7, lw=1.5,
-                label=f"{label} (mean of {'/'.join(map(str, seeds))} seeds)")
+            mean = sum(values.values()) / len(values)
+            ax.plot([x], [mean], color=color, marker=marker, ms=8, ls="none",
+                    label=label if x == min(points) else None)
+            ax.annotate(f"{len(values)}", (x, mean), textcoords="offset points", xytext=(6, 4), fontsize=7,
+                        color=color)
     if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
         ax.set_xscale("log")
-        ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
+    ax.set_title("thin lines: one seed each; markers: the mean over the seeds at that value (their count beside it)",
+                 fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -193,7 +193,7 @@ def test_a_figure_draws_a_metric_against_a_setting_rows_that_differ_in_it_alone_
     rows = [(base, ["weight_decay=0.1"], {"weight_decay": 0.1}), (base, ["weight_decay=3.0"], {"weight_decay": 3.0}),
             (gapt, ["weight_decay=3.0"], {"weight_decay": 3.0})]
     assert me.figure_series(rows, results, "weight_decay", "test_ce_best") == {
-        "kernel_docs_baseline": {0.1: [4.0, 5.0], 3.0: [3.5, 4.5]}, "kernel_docs_gapt": {3.0: [3.4, 4.4]}}
+        "kernel_docs_baseline": {0.1: {0: 4.0, 1: 5.0}, 3.0: {0: 3.5, 1: 4.5}}, "kernel_docs_gapt": {3.0: {0: 3.4, 1: 4.4}}}
     for bad, says in ((["--figure", str(figure)], "--figure and --against go together"),
                       (["--figure", str(figure), "--against", "gapt_version"], "not a numeric setting"),
                       (["--figure", str(tmp_path / "no" / "wd.png"), "--against", "dropout"], "does not exist"),
