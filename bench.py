@@ -20,7 +20,7 @@ Variants, alternated step by step in one process so that machine drift affects t
                          baseline's throughput can be compared with nanoGPT's on the same machine
 Every variant steps the config's optimizer (AdamW, or Muon + AdamW with optimizer="muon").
 
-Then the paper-era default as train.py runs it (its Step, micro_batch_loss and GAPT gate, gradient_accumulation_steps
+Then the paper-era default as train.py runs it (Step, micro_batch_loss and the GAPT gate, gradient_accumulation_steps
 = N micro-batches per step, compiled per block with compile=True), interleaved the same way:
   (A) layout_baseline    N micro-batches of CE (gapt_mode="off")
   (M) layout_memorize    memorization: N of CE, the last also every layer's MBE without gradients, fed to the gate

@@ -26,7 +26,8 @@ switches counted by reason, the mean length of a compression phase, and the batc
 log_interval=1). Then, per seed, each run's relative difference to the first config's run of the same seed, and for
 each metric its mean, standard error, how many seeds are lower, a sign test and a sign-flip permutation test.
 --figure PATH --against KEY also draws a metric (default: test CE at the early-stopping step) against a setting, e.g.
-test CE against weight_decay, rows that differ in that setting alone joined in one line.
+test CE against weight_decay: each seed a thin line across the rows that differ in that setting alone, the mean over
+the seeds at each value a marker (plot.py's plot_against).
 """
 
 import argparse
@@ -46,7 +47,6 @@ import numpy as np
 from checkpoint import RUNTIME_KEYS, CheckpointError, read_log
 from configurator import ConfigError
 from gapt_versions import SWITCH_REASONS
-from plot import check_writable, image_format, plot_against, write_atomically
 from train import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -335,15 +335,25 @@ FIGURE_METRICS = {"test_ce_best": "test CE at the early-stopping step", "test_ce
 
 
 def figure_series(rows, results, key, metric):
-    """{label: {value of key: {seed: the metric}}}: rows that differ in key's override alone share a series, labelled
-    by their name without it."""
-    series = {}
+    """{label: {value of key: {seed: the metric}}}: rows whose settings differ in key alone share a series, labelled
+    by the first one's name without key's override. Two rows with the same settings: one line (checked before any run
+    with results={})."""
+    groups = {}  # the settings other than key -> (label, {value of key: {seed: metric}})
     for config, overrides, settings in rows:
-        values = {seed: m[metric] for seed, m in results.get(run_name(config, overrides), {}).items()
-                  if m.get(metric) is not None}
-        label = run_name(config, [o for o in overrides if o.partition("=")[0] != key])
-        if values:
-            series.setdefault(label, {}).setdefault(settings[key], {}).update(values)
+        others = repr(sorted((k, repr(v)) for k, v in settings.items() if k != key))
+        label, points = groups.setdefault(others, (run_name(config, [o for o in overrides
+                                                                      if o.partition("=")[0] != key]), {}))
+        if settings[key] in points:
+            sys.exit(f"--figure: the row {run_name(config, overrides)} has the settings of another row "
+                     f"({key}={settings[key]!r}); give each row once")
+        points[settings[key]] = {seed: m[metric] for seed, m in results.get(run_name(config, overrides), {}).items()
+                                 if m.get(metric) is not None}
+    series = {}
+    for label, points in groups.values():
+        while label in series:  # two groups whose names differ only in key's override or an earlier config file
+            label += "'"
+        if any(points.values()):
+            series[label] = {x: values for x, values in points.items() if values}
     return series
 
 
@@ -377,8 +387,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: the machine's cores // jobs, at least 1)")
     parser.add_argument("--table_only", action="store_true", help="do not train; tabulate the finished runs")
-    parser.add_argument("--figure", metavar="PATH", help="also draw --figure_metric against the setting --against, "
-                        "each row's seeds as dots and their mean as a line (rows differing in that setting alone join)")
+    parser.add_argument("--figure", metavar="PATH", help="also draw --figure_metric against the setting --against: "
+                        "each seed a thin line across the rows that differ in that setting alone, each mean a marker")
     parser.add_argument("--against", metavar="KEY", help="the setting on the figure's x axis (e.g. weight_decay)")
     parser.add_argument("--figure_metric", default="test_ce_best", choices=FIGURE_METRICS)
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments")
@@ -386,7 +396,9 @@ def main(argv=None):
     if bool(args.figure) != bool(args.against):
         parser.error("--figure and --against go together: give both (e.g. --figure wd.png --against weight_decay)")
     if args.figure:
-        fmt = image_format(args.figure)
+        from plot import check_writable, image_format, plot_against, write_atomically  # matplotlib only when drawing
+        fmt = image_format(args.figure, "--figure")
+        args.figure += "" if os.path.splitext(args.figure)[1] else f".{fmt}"
         check_writable(args.figure, "--figure")
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give 1 or more runs at a time")
@@ -418,9 +430,10 @@ def main(argv=None):
         if len(name) > 200 or "/" in name:
             parser.error(f"the run name {name[:60]}... (the last config file and the overrides, --set included) is "
                          f"too long for a folder or holds a '/': pass such settings with --train_args (not named)")
-        against = settings.get(args.against, 0)
-        if args.figure and (args.against not in settings or isinstance(against, bool) or
-                            not isinstance(against, (int, float))):
+        if args.figure and args.against not in settings:
+            parser.error(f"--against {args.against}: no setting of that name; give a config key such as weight_decay")
+        against = settings.get(args.against)
+        if args.figure and (isinstance(against, bool) or not isinstance(against, (int, float))):
             parser.error(f"--against {args.against}: not a numeric setting of --configs {'+'.join([config, *overrides])}"
                          f" ({against!r}); give a number-valued key such as weight_decay or dropout")
         for seed in args.seeds:
@@ -428,6 +441,9 @@ def main(argv=None):
             runs.append((config, overrides, seed, out_dir, max_iters, settings))
             check_identity(out_dir, identity_of(config, overrides + args.set, args.train_args, seed, settings))
 
+    rows = [(config, overrides, settings) for config, overrides, seed, _, _, settings in runs if seed == args.seeds[0]]
+    if args.figure:
+        figure_series(rows, {}, args.against, args.figure_metric)  # two rows with the same settings: stop now
     if not args.table_only:
         pending, active = list(runs), []
         # SIGTERM as Ctrl-C: stop the runs this script started and wait for them (they resume next time)
@@ -488,7 +504,6 @@ def main(argv=None):
     if results:
         print(table(results))
     if args.figure:
-        rows = [(config, overrides, settings) for config, overrides, seed, _, _, settings in runs if seed == args.seeds[0]]
         series = figure_series(rows, results, args.against, args.figure_metric)
         if not series:
             sys.exit(f"--figure {args.figure}: no finished run has {FIGURE_METRICS[args.figure_metric]} "

@@ -1,7 +1,8 @@
 """
 The GAPT versions behind one face. train.py holds the default, the rules of the author's training code of the paper's
 time (`GAPT`, gapt_version="paper_era"); this file holds the author's two other versions and this project's own
-earlier rules, and what every version shares: the registry, the switch reasons, the state round trip.
+earlier rules, and what every version shares: the registry, the switch reasons, the state round trip, and `Step`
+(one optimizer step as the loop and a version share it, with `layers_mbe` and `step_means`).
 docs/gapt_versions.md says where each rule was read in the author's code and where this code departs from it.
 
     algorithm1  fangyuan-ksgk/minimind src/sorl.py, GatedPhaseTransition (the paper's Algorithm 1 notation)

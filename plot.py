@@ -69,13 +69,13 @@ def check_records(path, records):
                      f"this the log.jsonl of a train.py run? Pass run directories that hold one")
 
 
-def image_format(output):
+def image_format(output, option="-o"):
     """The output's format from its extension (png where it has none, as matplotlib does); one line if Agg cannot
     write it."""
     ext = os.path.splitext(output)[1][1:].lower()
     supported = FigureCanvasAgg.get_supported_filetypes()
     if ext and ext not in supported:
-        sys.exit(f"error: -o {output}: {ext!r} is not an image format plot.py can write; end the name with one of "
+        sys.exit(f"error: {option} {output}: {ext!r} is not an image format matplotlib can write; end the name with one of "
                  f"{', '.join('.' + f for f in sorted(supported))} (e.g. .png)")
     return ext or "png"
 

@@ -190,12 +190,22 @@ def test_a_figure_draws_a_metric_against_a_setting_rows_that_differ_in_it_alone_
     results = {n: {s: me.final_metrics(str(tmp_path / f"{n}-s{s}")) for s in (0, 1)}
                for n in ("kernel_docs_baseline+weight_decay_0.1", "kernel_docs_baseline+weight_decay_3.0",
                          "kernel_docs_gapt+weight_decay_3.0")}
-    rows = [(base, ["weight_decay=0.1"], {"weight_decay": 0.1}), (base, ["weight_decay=3.0"], {"weight_decay": 3.0}),
-            (gapt, ["weight_decay=3.0"], {"weight_decay": 3.0})]
+    rows = [(base, ["weight_decay=0.1"], {"weight_decay": 0.1, "gapt_mode": "off"}),
+            (base, ["weight_decay=3.0"], {"weight_decay": 3.0, "gapt_mode": "off"}),
+            (gapt, ["weight_decay=3.0"], {"weight_decay": 3.0, "gapt_mode": "gapt"})]
     assert me.figure_series(rows, results, "weight_decay", "test_ce_best") == {
         "kernel_docs_baseline": {0.1: {0: 4.0, 1: 5.0}, 3.0: {0: 3.5, 1: 4.5}}, "kernel_docs_gapt": {3.0: {0: 3.4, 1: 4.4}}}
+    # a row whose value comes from a config file joins the rows with its other settings; the same settings twice stop
+    results["wd1"] = {0: {"test_ce_best": 3.9}}
+    from_a_file = (f"{base},wd1.py", [], {"weight_decay": 1.0, "gapt_mode": "off"})
+    assert me.figure_series(rows + [from_a_file], results, "weight_decay", "test_ce_best")["kernel_docs_baseline"] == \
+        {0.1: {0: 4.0, 1: 5.0}, 1.0: {0: 3.9}, 3.0: {0: 3.5, 1: 4.5}}
+    with pytest.raises(SystemExit, match="has the settings of another row"):
+        me.figure_series(rows + [(base, [], {"weight_decay": 0.1, "gapt_mode": "off"})], {}, "weight_decay", "test_ce")
     for bad, says in ((["--figure", str(figure)], "--figure and --against go together"),
                       (["--figure", str(figure), "--against", "gapt_version"], "not a numeric setting"),
+                      (["--figure", str(figure), "--against", "wd"], "no setting of that name"),
+                      (["--figure", str(tmp_path / "wd.xyz"), "--against", "dropout"], "--figure " + str(tmp_path / "wd.xyz")),
                       (["--figure", str(tmp_path / "no" / "wd.png"), "--against", "dropout"], "does not exist"),
                       (["--figure", str(figure), "--against", "dropout", "--figure_metric", "ood_ce"], "nothing drawn")):
         with pytest.raises(SystemExit) as stop:

@@ -61,23 +61,27 @@ def test_resume_repeats_every_log_record_and_the_weights(token_data, tmp_path, v
         assert [(r["kind"], r["iter"], r["phase"]) for r in a] == [(r["kind"], r["iter"], r["phase"]) for r in b]
 
 
+def two_process_args(version, token_data):
+    return version_args(version, token_data) + ["--max_iters=10", "--eval_interval=100"]
+
+
 @pytest.fixture(scope="module")
 def one_process_run(token_data, tmp_path_factory):
-    """The 1-process run both 2-process tests compare against, trained once per version."""
+    """The 1-process run both 2-process tests compare against, trained once per version (per pytest-xdist worker)."""
     runs = {}
 
     def get(version):
         if version not in runs:
-            runs[version] = str(tmp_path_factory.mktemp(f"one-{version}"))
-            run_train(*version_args(version, token_data), "--max_iters=10", "--eval_interval=100",
-                      f"--out_dir={runs[version]}", "--overwrite_out_dir=True")
+            out = str(tmp_path_factory.mktemp(f"one-{version}"))
+            run_train(*two_process_args(version, token_data), f"--out_dir={out}", "--overwrite_out_dir=True")
+            runs[version] = out  # only once it trained: a failed run fails each test that asks for it, itself
         return runs[version]
     return get
 
 
 def two_processes(token_data, tmp_path, version, compile_, one_process_run):
     nproc = min(2, torch.cuda.device_count()) if ON_CUDA else 2
-    common = version_args(version, token_data) + ["--max_iters=10", "--eval_interval=100"]
+    common = two_process_args(version, token_data)
     one, two = one_process_run(version), str(tmp_path / "two")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     run_train(*common, f"--out_dir={two}", f"--compile={compile_}", launcher=torchrun)
