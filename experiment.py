@@ -432,8 +432,8 @@ def main(argv=None):
                          f"too long for a folder or holds a '/': pass such settings with --train_args (not named)")
         if args.figure and args.against not in settings:
             parser.error(f"--against {args.against}: no setting of that name; give a config key such as weight_decay")
-        against = settings.get(args.against)
-        if args.figure and (isinstance(against, bool) or not isinstance(against, (int, float))):
+        if args.figure and type(settings[args.against]) not in (int, float):  # (a bool is not a number here)
+            against = settings[args.against]
             parser.error(f"--against {args.against}: not a numeric setting of --configs {'+'.join([config, *overrides])}"
                          f" ({against!r}); give a number-valued key such as weight_decay or dropout")
         for seed in args.seeds:

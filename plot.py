@@ -75,8 +75,8 @@ def image_format(output, option="-o"):
     ext = os.path.splitext(output)[1][1:].lower()
     supported = FigureCanvasAgg.get_supported_filetypes()
     if ext and ext not in supported:
-        sys.exit(f"error: {option} {output}: {ext!r} is not an image format matplotlib can write; end the name with one of "
-                 f"{', '.join('.' + f for f in sorted(supported))} (e.g. .png)")
+        sys.exit(f"error: {option} {output}: {ext!r} is not an image format matplotlib can write; end the name with "
+                 f"one of {', '.join('.' + f for f in sorted(supported))} (e.g. .png)")
     return ext or "png"
 
 
