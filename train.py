@@ -473,6 +473,8 @@ def main(c):  # setup_processes, setup_compute, open_run and load_data complete 
 
     if master:  # where to look next
         log_file.close()
+        if wandb_run is not None:
+            wandb_run.finish()
         print(f"\ndone: {iter_num} steps in {time.perf_counter() - t_start:.0f} s; compressing on {compress_steps} of "
               f"{iter_num} steps" + (f", {gapt.switches} phase switches" if c.gapt_mode == "gapt" else "") + "\n"
               + summary_lines(c, metrics, iter_num))

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from configurator import ConfigError
 from conftest import REPO, TINY, read_log, run_train
 from shards import write_shard
 
@@ -57,6 +58,26 @@ def test_no_space_left_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         run_main(main, lambda argv: None, [])
     assert "no space left on the disk (out/log.jsonl)" in str(stop.value.code)
+
+
+def test_a_finished_process_under_torchrun_skips_the_interpreter_teardown(monkeypatch):
+    """gloo can abort a finished process while the interpreter shuts down (system.run_main): under torchrun a run
+    that ended well leaves with os._exit(0); one that failed still raises its one-line SystemExit."""
+    import system
+    exits = []
+    monkeypatch.setattr(system.os, "_exit", exits.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    system.run_main(lambda c: None, lambda argv: None, [])
+    assert exits == [0]
+
+    def bad_config(argv):
+        raise ConfigError("unknown key")
+    with pytest.raises(SystemExit, match="error: unknown key"):
+        system.run_main(lambda c: None, bad_config, [])
+    assert exits == [0]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    system.run_main(lambda c: None, lambda argv: None, [])
+    assert exits == [0]
 
 
 def test_a_log_line_cut_short_is_dropped_on_resume_and_read_by_plot(token_data, tmp_path):
