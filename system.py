@@ -129,7 +129,7 @@ def where_to_continue(config):  # the advice after a stop: resume if there is a 
 def run_main(main, load_config, argv):
     """main(load_config(argv)); a bad input or setting, a stalled or dead process under torchrun, or Ctrl-C ends it
     with one line on stderr that says what happened and what to do (exit status 1; 130 for Ctrl-C)."""
-    config = None
+    config, under_torchrun = None, int(os.environ.get("WORLD_SIZE", 1)) > 1
     try:
         config = load_config(argv)
         main(config)
@@ -137,8 +137,7 @@ def run_main(main, load_config, argv):
         sys.exit(f"error: {e}")
     except RuntimeError as e:  # NCCL raises DistError; gloo plain RuntimeErrors, for a timeout or a vanished peer
         lost = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
-        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or not (isinstance(e, dist.DistError) or
-                                                              any(w in str(e).lower() for w in lost)):
+        if not under_torchrun or not (isinstance(e, dist.DistError) or any(w in str(e).lower() for w in lost)):
             raise
         sys.exit(f"error: another process stalled or died (no answer within ddp_timeout={config.ddp_timeout} s; "
                  f"{type(e).__name__}), so every process stops; {where_to_continue(config)} (if no process died: "
@@ -158,7 +157,7 @@ def run_main(main, load_config, argv):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if under_torchrun:
         # Under torchrun a finished process ends here, without the interpreter's teardown: there gloo (torch 2.13) can
         # abort the process ("terminate called without an active exception", SIGABRT, with no Python frame left) after
         # every rank has finished and written everything, and torchrun then reports the whole run as failed (seen in
